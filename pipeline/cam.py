@@ -1,0 +1,191 @@
+"""``cams``: multi-scale + flip CAM / R-CAM inference, the sharded CAM store, and seed evaluation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from dvclive import Live
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline import train
+from pipeline.config import CamsParams, ModelParams
+from pipeline.data.datasets import ClassificationEvalSet, normalize
+from pipeline.data.layout import DatasetError, PreparedDataset
+from pipeline.io import CamWriter, read_json
+from pipeline.metrics import SeedEvaluator, threshold_grid
+from pipeline.models.swtformer import Features, SWTformer, build_model, max_norm, with_background
+from pipeline.train_cls import evaluate_classifier
+from pipeline.viz import cam_gallery_row
+
+log = logging.getLogger(__name__)
+
+
+def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[SWTformer, dict]:
+    """Rebuild the classifier from ``model.safetensors`` + ``meta.json`` written by ``train_cls``.
+
+    Raises:
+        DatasetError: If the model files are missing.
+    """
+    model_dir = Path(model_dir)
+    weights, meta_path = model_dir / "model.safetensors", model_dir / "meta.json"
+    for path in (weights, meta_path):
+        if not path.is_file():
+            raise DatasetError(f"classifier not found: {path} is missing (run the 'train_cls' stage first)")
+    meta = read_json(meta_path)
+    params = ModelParams.model_validate({**meta["model"], "pretrained": "none"})
+    model = build_model(params, meta["num_classes"], meta["img_size"])
+    model.load_state_dict(load_file(str(weights)))
+    return model.to(device).eval(), meta
+
+
+def _unflip(x: torch.Tensor) -> torch.Tensor:
+    """Sum each (original, flipped) pair of a (2B, ...) batch after flipping the second half back: -> (B, ...)."""
+    half = x.shape[0] // 2
+    return x[:half] + x[half:].flip(-1)
+
+
+@torch.no_grad()
+def multiscale_maps(
+    model: SWTformer, images: torch.Tensor, label_mask: torch.Tensor, scales: tuple[float, ...], flip: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CAM and (V2) R-CAM of a batch of same-size images, summed over scales and max-normalised.
+
+    Flipped copies are fused at the feature level before normalisation (SIPE's scheme): raw CAM logits,
+    tokens and HFF features of the flipped image are flipped back and added.
+
+    Args:
+        model: The classifier in eval mode.
+        images: (B, 3, H, W) normalised images.
+        label_mask: (B, K, 1, 1) background (1) + image-level labels.
+        scales: Input scales.
+        flip: Add horizontally flipped copies.
+
+    Returns:
+        ``(cam, rcam)``: (B, C, H, W) CAM over all foreground classes and (B, K, H, W) R-CAM (``None`` for V1),
+        both max-normalised per channel after summing over scales.
+    """
+    h, w = images.shape[-2:]
+    cam_sum = rcam_sum = None
+    for scale in scales:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        x = F.interpolate(images, size=size, mode="bicubic", align_corners=False) if scale != 1 else images
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        feats = model.features(x)
+        if flip:
+            fused = feats.fused if feats.fused is None else _unflip(feats.fused)
+            feats = Features(_unflip(feats.logit_map), _unflip(feats.tokens), fused)
+        out = model.maps(feats, label_mask if feats.fused is not None else None)
+        cam = F.interpolate(out["cam"], size=(h, w), mode="bilinear", align_corners=False)  # (B, C, H, W)
+        cam_sum = cam if cam_sum is None else cam_sum + cam
+        if "rcam" in out:
+            rcam = F.interpolate(out["rcam"], size=(h, w), mode="bilinear", align_corners=False)  # (B, K, H, W)
+            rcam_sum = rcam if rcam_sum is None else rcam_sum + rcam
+    return max_norm(cam_sum), (max_norm(rcam_sum) if rcam_sum is not None else None)
+
+
+def _batches(data: PreparedDataset, ids: list[str], batch_size: int):
+    """Yield (ids, uint8 images) groups of consecutive images that share one size."""
+    group, images = [], []
+    for image_id in ids:
+        image = data.load_image(image_id)
+        if images and (image.shape != images[0].shape or len(group) == batch_size):
+            yield group, images
+            group, images = [], []
+        group.append(image_id)
+        images.append(image)
+    if group:
+        yield group, images
+
+
+def generate_cams(
+    params: CamsParams, data_dir: Path, model_dir: Path, cams_dir: Path, results_dir: Path, batch_size: int = 8
+) -> dict[str, float]:
+    """Run inference on ``cams.split``, store CAM/R-CAM shards and write seed metrics, mAP and a gallery.
+
+    Args:
+        params: The ``cams`` section.
+        data_dir: Prepared dataset.
+        model_dir: Classifier written by ``train_cls``.
+        cams_dir: Output directory of the CAM shards.
+        results_dir: dvclive directory (metrics, sweep curves, gallery).
+        batch_size: Images per forward pass (same-size images only).
+
+    Returns:
+        The headline metrics.
+    """
+    data = PreparedDataset.open(data_dir)
+    device = train.resolve_device(params.device)
+    train.set_threads(params.threads)
+    model, meta = load_classifier(model_dir, device)
+    mean, std = tuple(meta["mean"]), tuple(meta["std"])
+    ids = data.split(params.split)
+    grid = threshold_grid(params.sweep.max, params.sweep.step)
+    evaluators = {"cam": SeedEvaluator(data.num_classes, grid)}
+    if model.version == "v2":
+        evaluators["rcam"] = SeedEvaluator(data.num_classes, grid)
+    writer = CamWriter(cams_dir, params.shard_size)
+    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    gallery = 0
+
+    bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=None, mininterval=2)
+    for group, images in _batches(data, ids, batch_size):
+        x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
+        labels = [data.labels[i] for i in group]
+        mask = torch.zeros(len(group), data.num_classes, 1, 1, device=device)
+        mask[:, 0] = 1
+        for row, present in enumerate(labels):
+            mask[row, present] = 1
+        cam, rcam = multiscale_maps(model, x, mask, params.scales, params.flip)
+        for row, image_id in enumerate(group):
+            keys = np.array([0, *labels[row]], dtype=np.int64)
+            fg = cam[row, keys[1:] - 1]  # (n, H, W)
+            maps = {"cam": with_background(fg[None])[0].cpu().numpy()}
+            if rcam is not None:
+                maps["rcam"] = rcam[row, keys].cpu().numpy()
+            writer.add(image_id, keys, maps)
+            gt = data.load_mask(image_id)
+            for name, evaluator in evaluators.items():
+                evaluator.add(maps[name], keys, gt)
+            if gallery < params.gallery_size:
+                panel = cam_gallery_row(images[row], maps, keys, gt, data.palette)
+                live.log_image(f"gallery/{gallery:02d}_{image_id}.png", Image.fromarray(panel))
+                gallery += 1
+        bar.update(len(group))
+    bar.close()
+    writer.close()
+
+    headline = _log_seed_metrics(live, evaluators, data.class_names, grid)
+    valset = ClassificationEvalSet(data, "val", meta["img_size"], mean, std)
+    scores = evaluate_classifier(model, DataLoader(valset, batch_size=16), device, amp=True)
+    for name, value in scores.items():
+        live.log_metric(f"val/{name}", value, plot=False)
+        headline[f"val/{name}"] = value
+    live.end()
+    return headline
+
+
+def _log_seed_metrics(
+    live: Live, evaluators: dict[str, SeedEvaluator], names: list[str], grid: np.ndarray
+) -> dict[str, float]:
+    headline = {}
+    for map_name, evaluator in evaluators.items():
+        summary = evaluator.summary()
+        for key in ("miou_argmax", "miou_best", "best_threshold"):
+            live.log_metric(f"{map_name}/{key}", round(float(summary[key]), 5), plot=False)
+            headline[f"{map_name}/{key}"] = float(summary[key])
+        for protocol in ("argmax", "best"):
+            for cls, iou in zip(names, summary[f"iou_{protocol}"], strict=True):
+                if not np.isnan(iou):
+                    live.log_metric(f"{map_name}/iou_{protocol}/{cls}", round(float(iou), 5), plot=False)
+        points = [{"threshold": float(t), "miou": float(m)} for t, m in zip(grid, summary["sweep"], strict=True)]
+        live.log_plot(f"sweep_{map_name}", points, x="threshold", y="miou", template="linear",
+                      title=f"{map_name}: seed mIoU vs constant background score")
+    return headline

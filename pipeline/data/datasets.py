@@ -1,0 +1,132 @@
+"""Torch datasets over a prepared dataset: augmented crops for training, letterboxed images for evaluation.
+
+Augmentation randomness comes from ``numpy.random.default_rng([seed, epoch, index])``, so a sample is a
+pure function of (seed, epoch, index): a resumed run sees exactly the crops an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pipeline.data.layout import PreparedDataset
+
+
+def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 normalised tensor."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def resize_long(image: Image.Image, long_side: int) -> Image.Image:
+    """Resize so that the longer side is ``long_side`` (bicubic), keeping the aspect ratio."""
+    w, h = image.size
+    scale = long_side / max(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+
+
+def place_in_canvas(
+    image: torch.Tensor, size: int, rng: np.random.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop or pad a (3, H, W) tensor to (3, size, size); zeros fill the padding.
+
+    Args:
+        image: Normalised image.
+        size: Output side.
+        rng: Random offsets if given, else top-left placement.
+
+    Returns:
+        ``(canvas, valid)`` with ``valid`` a (1, size, size) float mask of real-image pixels.
+    """
+    _, h, w = image.shape
+
+    def offsets(length: int) -> tuple[int, int]:
+        slack = abs(length - size)
+        shift = int(rng.integers(0, slack + 1)) if rng is not None else 0
+        return (shift, 0) if length > size else (0, shift)  # (source start, target start)
+
+    (sy, ty), (sx, tx) = offsets(h), offsets(w)
+    ch, cw = min(h, size), min(w, size)
+    canvas = torch.zeros(3, size, size)
+    valid = torch.zeros(1, size, size)
+    canvas[:, ty : ty + ch, tx : tx + cw] = image[:, sy : sy + ch, sx : sx + cw]
+    valid[:, ty : ty + ch, tx : tx + cw] = 1.0
+    return canvas, valid
+
+
+class ClassificationTrainSet(Dataset):
+    """Random-resize / flip / crop samples with image-level labels (SIPE-style augmentation).
+
+    Args:
+        data: Prepared dataset.
+        split: Split name.
+        crop_size: Output side.
+        resize_long: Range [min, max] of the random long-side resize.
+        flip: Random horizontal flip.
+        color_jitter: Strength of brightness/contrast/saturation jitter (0 = off).
+        mean: Normalisation mean.
+        std: Normalisation std.
+        seed: Global seed.
+    """
+
+    def __init__(
+        self,
+        data: PreparedDataset,
+        split: str,
+        crop_size: int,
+        resize_long: tuple[int, int],
+        flip: bool,
+        color_jitter: float,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        seed: int,
+    ) -> None:
+        self.data = data
+        self.ids = data.split(split)
+        self.crop_size = crop_size
+        self.resize_long = resize_long
+        self.flip = flip
+        self.color_jitter = color_jitter
+        self.mean, self.std = mean, std
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image_id = self.ids[index]
+        image = Image.fromarray(self.data.load_image(image_id))
+        image = resize_long(image, int(rng.integers(self.resize_long[0], self.resize_long[1] + 1)))
+        if self.color_jitter > 0:
+            b, c, s = 1.0 + rng.uniform(-self.color_jitter, self.color_jitter, 3)
+            image = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), c), s)
+        if self.flip and rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        canvas, valid = place_in_canvas(normalize(np.asarray(image), self.mean, self.std), self.crop_size, rng)
+        return {"image": canvas, "valid": valid, "labels": torch.from_numpy(self.data.label_vector(image_id))}
+
+
+class ClassificationEvalSet(Dataset):
+    """Whole images resized so the long side is ``size`` and padded to a square (for batched evaluation)."""
+
+    def __init__(
+        self, data: PreparedDataset, split: str, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> None:
+        self.data = data
+        self.ids = data.split(split)
+        self.size = size
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image_id = self.ids[index]
+        image = resize_long(Image.fromarray(self.data.load_image(image_id)), self.size)
+        canvas, valid = place_in_canvas(normalize(np.asarray(image), self.mean, self.std), self.size, None)
+        return {"image": canvas, "valid": valid, "labels": torch.from_numpy(self.data.label_vector(image_id))}

@@ -1,0 +1,78 @@
+"""``prepare``: write a dataset in the prepared layout (see :mod:`pipeline.data.layout`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.config import DataParams
+from pipeline.data import synthetic
+from pipeline.data.layout import PreparedDataset
+from pipeline.io import atomic_path, save_image_png, save_label_png, write_json
+
+
+def _write_list(path: Path, ids: list[str]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{i}\n" for i in ids))
+
+
+def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDataset:
+    """Generate the synthetic benchmark into ``out``.
+
+    ``train`` and ``train_aug`` are the same images (the benchmark has no separate augmented set);
+    ``val`` is disjoint. Image ids are ``train_00000`` ... and ``val_00000`` ...
+
+    Args:
+        params: The ``data`` section (uses ``data.synthetic``).
+        seed: The global seed; the images depend on it and on nothing else.
+        out: Output directory; replaced as a whole.
+
+    Returns:
+        The prepared dataset.
+    """
+    cfg = params.synthetic
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "images").mkdir(parents=True)
+    (out / "masks").mkdir()
+    names = synthetic.class_names()
+    palette = synthetic.voc_palette()[: len(names)]
+    labels: dict[str, list[int]] = {}
+    splits = {"train": ("train", cfg.num_train, 0), "val": ("val", cfg.num_val, 1_000_000)}
+    lists: dict[str, list[str]] = {}
+    for split, (prefix, count, offset) in splits.items():
+        ids = []
+        for index in tqdm(range(count), desc=f"prepare {split}", unit="img", disable=None, mininterval=2):
+            image_id = f"{prefix}_{index:05d}"
+            image, mask, present = synthetic.generate_sample(offset + index, seed, cfg)
+            save_image_png(out / "images" / f"{image_id}.png", image)
+            save_label_png(out / "masks" / f"{image_id}.png", mask, synthetic.voc_palette())
+            labels[image_id] = present
+            ids.append(image_id)
+        lists[split] = ids
+    lists["train_aug"] = lists["train"]
+    for split, ids in lists.items():
+        _write_list(out / "splits" / f"{split}.txt", ids)
+    write_json(out / "cls_labels.json", labels)
+    write_json(
+        out / "classes.json",
+        {"dataset": "synthetic", "names": names, "palette": [list(c) for c in palette],
+         "image_ext": ".png"},
+    )
+    return PreparedDataset.open(out)
+
+
+def prepare(params: DataParams, seed: int, out: Path | str) -> PreparedDataset:
+    """Write the dataset chosen by ``data.dataset`` into ``out`` in the prepared layout.
+
+    Args:
+        params: The ``data`` section.
+        seed: The global seed.
+        out: Output directory.
+
+    Returns:
+        The prepared dataset.
+    """
+    return prepare_synthetic(params, seed, Path(out))

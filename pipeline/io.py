@@ -1,0 +1,150 @@
+"""Artifact formats shared by the stages: atomic writes, label PNGs, JSON, and the sharded CAM store.
+
+No artifact uses pickle: CAMs are plain arrays in ``.npz`` shards loaded with ``allow_pickle=False``,
+labels are palette PNGs, metadata is JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Args:
+        path: The final destination.
+
+    Yields:
+        A temporary file path in the same directory (same file system, so the rename is atomic).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+def save_label_png(path: Path | str, label: np.ndarray, palette: list[list[int]] | list[tuple]) -> None:
+    """Save a (H, W) uint8 label map as a palette PNG, atomically.
+
+    Args:
+        path: Destination ``.png``.
+        label: Class ids; 255 = ignore.
+        palette: RGB colours indexed by class id (up to 256 entries).
+    """
+    image = Image.fromarray(np.asarray(label, dtype=np.uint8), mode="P")
+    flat = [channel for color in palette for channel in color]
+    image.putpalette(flat + [0] * (768 - len(flat)))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def load_label_png(path: Path | str) -> np.ndarray:
+    """Load a label PNG as a (H, W) uint8 array of class ids (palette indices, not colours)."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"{path}: label PNG must be palette or greyscale, got mode {image.mode}")
+        return np.asarray(image, dtype=np.uint8).copy()
+
+
+def save_image_png(path: Path | str, image: np.ndarray) -> None:
+    """Save a (H, W, 3) uint8 RGB image as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+class CamWriter:
+    """Write per-image CAM arrays into ``.npz`` shards plus ``index.json``.
+
+    Each image stores ``keys`` (class ids of the channels, background = 0 first) and one or more float16
+    maps of shape (len(keys), H, W), e.g. ``cam`` and ``rcam``.
+    """
+
+    def __init__(self, directory: Path | str, shard_size: int) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shard_size = shard_size
+        self._pending: dict[str, np.ndarray] = {}
+        self._pending_ids: list[str] = []
+        self._index: dict[str, str] = {}
+        self._shards = 0
+
+    def add(self, image_id: str, keys: np.ndarray, maps: dict[str, np.ndarray]) -> None:
+        """Queue one image's arrays; a shard is flushed every ``shard_size`` images."""
+        if "/" in image_id or image_id in self._index or image_id in self._pending_ids:
+            raise ValueError(f"invalid or duplicate image id {image_id!r}")
+        self._pending[f"{image_id}/keys"] = np.asarray(keys, dtype=np.int16)
+        for name, array in maps.items():
+            self._pending[f"{image_id}/{name}"] = np.asarray(array, dtype=np.float16)
+        self._pending_ids.append(image_id)
+        if len(self._pending_ids) >= self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending_ids:
+            return
+        name = f"shard-{self._shards:05d}.npz"
+        with atomic_path(self.directory / name) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, **self._pending)
+        self._index.update(dict.fromkeys(self._pending_ids, name))
+        self._shards += 1
+        self._pending, self._pending_ids = {}, []
+
+    def close(self) -> None:
+        """Flush the last shard and write ``index.json``."""
+        self._flush()
+        write_json(self.directory / "index.json", {"format": "wsss-cams/1", "images": self._index})
+
+
+class CamStore:
+    """Read-only access to a directory written by :class:`CamWriter`."""
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        index_path = self.directory / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path} not found (run the 'cams' stage first)")
+        self._index: dict[str, str] = read_json(index_path)["images"]
+        self._open: tuple[str, Any] | None = None
+
+    @property
+    def ids(self) -> list[str]:
+        """Image ids in the order they were written."""
+        return list(self._index)
+
+    def load(self, image_id: str) -> dict[str, np.ndarray]:
+        """Return ``{"keys": ..., <map name>: ...}`` for one image (maps as float16)."""
+        shard = self._index[image_id]
+        if self._open is None or self._open[0] != shard:
+            self._open = (shard, np.load(self.directory / shard, allow_pickle=False))
+        archive = self._open[1]
+        prefix = f"{image_id}/"
+        return {name[len(prefix) :]: archive[name] for name in archive.files if name.startswith(prefix)}

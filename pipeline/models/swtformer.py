@@ -1,0 +1,208 @@
+"""SWTformer V1/V2: the patch-token CAM head, HFF, structure-aware seeds and background-aware prototypes.
+
+V1 = Swin backbone + a conv CAM head on the last stage (GAP logits, ReLU + max-normalised CAM).
+V2 adds (SIPE's machinery with SWTformer's three changes, see ``shared/reference/swtformer_sipe.md`` §4.4):
+hierarchical feature fusion (HFF) of the four stages, a background map ``1 - max_c M_c``, seeds located by
+the soft IoU between each token's structure (absolute cosine affinity of last-stage tokens) and each
+class map, class prototypes on the HFF feature, and R-CAM = ReLU(cosine) to the prototypes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ModelParams
+from pipeline.models.backbone import SwinBackbone, build_backbone
+
+EPS = 1e-5
+
+
+def max_norm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Divide each (image, channel) map by its spatial maximum: (B, K, H, W) -> (B, K, H, W)."""
+    return x / (x.amax(dim=(2, 3), keepdim=True) + eps)
+
+
+def with_background(cam: torch.Tensor) -> torch.Tensor:
+    """Prepend the background map ``1 - max_c M_c`` to max-normalised CAMs: (B, C, h, w) -> (B, C+1, h, w)."""
+    return torch.cat([1.0 - cam.amax(dim=1, keepdim=True), cam], dim=1)
+
+
+@torch.no_grad()
+def structure_aware_seeds(
+    cam: torch.Tensor, tokens: torch.Tensor, label_mask: torch.Tensor, bg_iou_scale: float = 0.5
+) -> torch.Tensor:
+    """Assign every token to the class whose map best overlaps the token's structure (soft IoU).
+
+    The structure of token i is its row of the absolute cosine affinity ``S_ij = |cos(t_i, t_j)|``
+    (SWTformer Eq. 4). ``IoU_k(i) = sum_j S_ij M_k(j) / (sum_j S_ij + sum_j M_k(j) - sum_j S_ij M_k(j))``;
+    the background IoU is multiplied by ``bg_iou_scale``; the seed is the one-hot argmax, masked by the labels.
+
+    Args:
+        cam: (B, K, h, w) maps with background first, already masked by ``label_mask``.
+        tokens: (B, D, h, w) last-stage tokens.
+        label_mask: (B, K, h, w) or (B, K, 1, 1) 0/1 mask of the allowed classes (and valid pixels).
+        bg_iou_scale: Weight of the background IoU.
+
+    Returns:
+        (B, K, h, w) one-hot seeds (all-zero where the winning class is not allowed).
+    """
+    b, k, h, w = cam.shape
+    feats = F.normalize(tokens.float().flatten(2), dim=1, eps=EPS)  # (B, D, hw)
+    affinity = torch.bmm(feats.transpose(1, 2), feats).abs()  # (B, hw, hw)
+    maps = cam.float().flatten(2)  # (B, K, hw)
+    inter = torch.bmm(maps, affinity)  # (B, K, hw), S is symmetric
+    union = affinity.sum(dim=1).unsqueeze(1) + maps.sum(dim=2, keepdim=True) - inter
+    iou = inter / union.clamp_min(EPS)
+    iou[:, 0] *= bg_iou_scale
+    seeds = F.one_hot(iou.argmax(dim=1), k).permute(0, 2, 1).reshape(b, k, h, w).to(cam.dtype)
+    return seeds * label_mask
+
+
+def prototypes(seeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Class prototypes: seed-masked average of the features (divided by the map area, as SIPE does).
+
+    Args:
+        seeds: (B, K, h, w) one-hot seeds on any grid (nearest-resized to the feature grid).
+        features: (B, D, H, W) fused features.
+
+    Returns:
+        (B, K, D) prototypes; zero for a class without seeds.
+    """
+    seeds = F.interpolate(seeds, size=features.shape[-2:], mode="nearest")  # (B, K, H, W)
+    return torch.einsum("bkhw,bdhw->bkd", seeds, features) / features.shape[-2:].numel()
+
+
+def refined_cam(features: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """R-CAM = ReLU(cos(feature, prototype)): (B, D, H, W), (B, K, D) -> (B, K, H, W); zero prototypes give 0."""
+    feats = F.normalize(features, dim=1, eps=1e-8)
+    protos = F.normalize(protos, dim=2, eps=1e-8)
+    return F.relu(torch.einsum("bdhw,bkd->bkhw", feats, protos))
+
+
+class HierarchicalFeatureFusion(nn.Module):
+    """HFF: project the four stage maps, L2-normalise each, and concatenate them on the stage-3 grid.
+
+    Stages 1 and 2 are brought down by strided convolutions (kernel = stride = the resolution ratio), stage 3
+    by a 1x1 convolution, stage 4 by a 1x1 convolution followed by bilinear upsampling.
+
+    Args:
+        in_channels: Channels of the four stages.
+        strides: Output strides of the four stages.
+        out_channels: Projected channels per stage; the fused map has their sum.
+        detach_inputs: Stop gradients into the backbone (HFF then learns from GSC/CCL only, as in SIPE).
+    """
+
+    def __init__(
+        self, in_channels: list[int], strides: list[int], out_channels: tuple[int, ...], detach_inputs: bool
+    ) -> None:
+        super().__init__()
+        target = strides[2]
+        layers = []
+        for cin, stride, cout in zip(in_channels, strides, out_channels, strict=True):
+            ratio = max(1, target // stride)
+            layers.append(nn.Conv2d(cin, cout, kernel_size=ratio, stride=ratio, bias=False))
+        self.projections = nn.ModuleList(layers)
+        self.detach_inputs = detach_inputs
+        self.out_channels = sum(out_channels)
+
+    def forward(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        """(B, C_i, H_i, W_i) x 4 -> (B, sum(out_channels), H_3, W_3)."""
+        size = stages[2].shape[-2:]
+        fused = []
+        for stage, projection in zip(stages, self.projections, strict=True):
+            x = projection(stage.detach() if self.detach_inputs else stage)
+            x = F.normalize(x, dim=1, eps=EPS)
+            if x.shape[-2:] != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            fused.append(x)
+        return torch.cat(fused, dim=1)
+
+
+@dataclass
+class Features:
+    """What the network computes before any label is used (summable across flips at inference)."""
+
+    logit_map: torch.Tensor  # (B, C, h, w) raw CAM head output
+    tokens: torch.Tensor  # (B, D, h, w) last-stage tokens
+    fused: torch.Tensor | None  # (B, D_hff, H3, W3) HFF feature (V2 only)
+
+
+class SWTformer(nn.Module):
+    """SWTformer classifier (V1 or V2).
+
+    Args:
+        backbone: The Swin backbone.
+        num_classes: Number of foreground classes C.
+        params: The ``model`` section.
+    """
+
+    def __init__(self, backbone: SwinBackbone, num_classes: int, params: ModelParams) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.version = params.version
+        self.bg_iou_scale = params.bg_iou_scale
+        kernel = params.head_kernel
+        self.cam_head = nn.Conv2d(backbone.channels[-1], num_classes, kernel, padding=kernel // 2, bias=kernel == 3)
+        self.hff = (
+            HierarchicalFeatureFusion(backbone.channels, backbone.strides, params.hff_dims, params.detach_hff_inputs)
+            if params.version == "v2"
+            else None
+        )
+
+    def new_modules(self) -> list[nn.Module]:
+        """The layers trained from scratch (they get the head learning rate)."""
+        return [m for m in (self.cam_head, self.hff) if m is not None]
+
+    def features(self, x: torch.Tensor) -> Features:
+        """Run the backbone, the CAM head and (V2) HFF on (B, 3, H, W) images."""
+        stages = self.backbone(x)
+        tokens = stages[-1]  # (B, D, h, w)
+        return Features(self.cam_head(tokens), tokens, self.hff(stages) if self.hff is not None else None)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Image-level logits only (no HFF, no seeds): (B, 3, H, W) -> (B, C)."""
+        return self.cam_head(self.backbone(x)[-1]).mean(dim=(2, 3))
+
+    def maps(self, feats: Features, label_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Turn features into logits, CAMs and (V2) seeds and R-CAMs.
+
+        Args:
+            feats: Output of :meth:`features`.
+            label_mask: (B, K, h', w') or (B, K, 1, 1) 0/1 mask over background + classes (channel 0 = valid
+                pixels). Needed for V2; resized (nearest) to the token grid.
+
+        Returns:
+            ``logits`` (B, C); ``cam`` (B, C, h, w) max-normalised; for V2 also ``cam_bg`` (B, K, h, w)
+            unmasked CAM with background, ``seeds`` (B, K, h, w) and ``rcam`` (B, K, H3, W3).
+        """
+        logits = feats.logit_map.mean(dim=(2, 3))  # (B, C)
+        cam = max_norm(F.relu(feats.logit_map))  # (B, C, h, w)
+        out = {"logits": logits, "cam": cam}
+        if feats.fused is None:
+            return out
+        if label_mask is None:
+            raise ValueError("SWTformer-V2 needs a label mask to locate seeds")
+        cam_bg = with_background(cam)  # (B, K, h, w)
+        mask = label_mask if label_mask.shape[-1] == 1 else F.interpolate(label_mask, cam_bg.shape[-2:])
+        seeds = structure_aware_seeds(cam_bg.detach() * mask, feats.tokens.detach(), mask, self.bg_iou_scale)
+        out.update(cam_bg=cam_bg, seeds=seeds, rcam=refined_cam(feats.fused, prototypes(seeds, feats.fused)))
+        return out
+
+    def forward(self, x: torch.Tensor, label_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Full forward pass: see :meth:`maps`."""
+        return self.maps(self.features(x), label_mask)
+
+
+def build_model(params: ModelParams, num_classes: int, img_size: int) -> SWTformer:
+    """Build the SWTformer described by the ``model`` section.
+
+    Args:
+        params: The ``model`` section.
+        num_classes: Number of foreground classes C.
+        img_size: Training crop size (fixes the Swin window layout).
+    """
+    return SWTformer(build_backbone(params, img_size), num_classes, params)

@@ -1,0 +1,195 @@
+"""Training-loop pieces shared by the training stages: devices, DDP, seeding, schedules, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits in a (possibly single-process) distributed run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs and writes artifacts."""
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``), else run alone.
+
+    Uses NCCL on CUDA and gloo on CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """Map ``auto`` / ``cpu`` / ``cuda`` to a device; ``cuda`` without a GPU is an error.
+
+    Raises:
+        TrainingError: If CUDA is requested but not available.
+    """
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' requested but no CUDA device is available (use 'auto' or 'cpu')")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def set_threads(threads: int) -> None:
+    """Set torch's intra-op threads (0 leaves torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def make_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """A gradient scaler that is active only for fp16 autocast on CUDA."""
+    fp16 = enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler(device.type, enabled=fp16)
+
+
+def warmup_decay(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine or poly(0.9) decay.
+
+    Args:
+        step: Current optimiser step (0-based).
+        total: Total number of steps.
+        warmup: Warm-up steps.
+        schedule: ``cosine`` or ``poly``.
+        min_ratio: Final factor.
+
+    Returns:
+        The factor in [min_ratio, 1] that multiplies the base learning rates.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else (1 - progress) ** 0.9
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def param_groups(model: nn.Module, new_modules: list[nn.Module], lr: float, head_mult: float, wd: float) -> list:
+    """AdamW groups: backbone and new layers (``lr * head_mult``), each split into decay / no-decay.
+
+    Biases, norm weights (1-D tensors) and relative-position tables get no weight decay.
+    """
+    new_ids = {id(p) for m in new_modules for p in m.parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or "relative_position_bias_table" in name
+        groups.setdefault((id(param) in new_ids, no_decay), []).append(param)
+    return [
+        {"params": params, "lr": lr * (head_mult if is_new else 1.0), "weight_decay": 0.0 if no_decay else wd}
+        for (is_new, no_decay), params in sorted(groups.items())
+    ]
+
+
+def check_finite(value: torch.Tensor, step: int, name: str = "loss") -> None:
+    """Stop with the step number when a loss is NaN or infinite.
+
+    Raises:
+        TrainingError: If ``value`` is not finite.
+    """
+    if not torch.isfinite(value).all():
+        raise TrainingError(f"{name} became {value.item()} at step {step}; stopping (try a lower learning rate)")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (tensors, numbers, strings and containers of them only)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """Load a checkpoint with ``weights_only=True``; ``None`` if there is none."""
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch RNG states (CPU and, if present, CUDA) for exact resumption."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def epoch_indices(num_samples: int, seed: int, epoch: int, ddp: Dist, batch_size: int) -> Iterator[list[int]]:
+    """Shuffled mini-batches of sample indices for one epoch, sharded across ranks; drops the last partial batch.
+
+    The order depends only on (seed, epoch), so it is reproducible after a resume.
+
+    Args:
+        num_samples: Dataset length.
+        seed: Global seed.
+        epoch: Epoch number.
+        ddp: Rank information.
+        batch_size: Per-process batch size.
+    """
+    order = np.random.default_rng([seed, epoch, 7]).permutation(num_samples)
+    global_batch = batch_size * ddp.world_size
+    for start in range(0, num_samples - global_batch + 1, global_batch):
+        chunk = order[start : start + global_batch]
+        yield chunk[ddp.rank :: ddp.world_size].tolist()

@@ -1,0 +1,1 @@
+"""Thin Typer wrappers, one per DVC stage; ``stages.cli`` mounts them as ``wsss <stage>``."""

@@ -1,0 +1,42 @@
+"""What every stage command shares: the ``--params`` option, logging, and one-line exits for user errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.config import ConfigError, StageParams, load_sections
+from pipeline.data.layout import DatasetError
+from pipeline.models.backbone import PretrainedError
+from pipeline.train import TrainingError
+
+USER_ERRORS = (ConfigError, DatasetError, TrainingError, PretrainedError)
+EXIT_USAGE = 2
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", help="Params file; validated as a whole, only this stage's sections are read.")
+]
+
+
+@contextlib.contextmanager
+def stage_params(path: Path, sections: tuple[str, ...]) -> Iterator[StageParams]:
+    """Configure logging, load a stage's params sections, and turn user errors into ``error: ...`` + exit 2.
+
+    Args:
+        path: The params file.
+        sections: The sections the stage reads (the same list as its ``params:`` in ``dvc.yaml``).
+
+    Yields:
+        The validated sections.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        yield load_sections(path, sections)
+    except USER_ERRORS as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None

@@ -1,0 +1,19 @@
+"""The ``wsss`` command: every pipeline stage as a subcommand."""
+
+from __future__ import annotations
+
+import typer
+
+from stages import cams, prepare, train_cls
+
+app = typer.Typer(
+    help="Weakly supervised semantic segmentation: image-level labels -> seeds -> segmentation model.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+STAGES = {"prepare": prepare, "train_cls": train_cls, "cams": cams}
+for _name, _module in STAGES.items():
+    app.command(_name)(_module.main)
+
+if __name__ == "__main__":
+    app()

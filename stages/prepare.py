@@ -1,0 +1,27 @@
+"""``wsss prepare``: write the dataset in the prepared layout (the synthetic benchmark by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.data.prepare import prepare
+from stages._common import ParamsOption, stage_params
+
+SECTIONS = ("seed", "data")
+
+
+def main(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Output directory (replaced).")] = Path("data/prepared"),
+) -> None:
+    """Generate (synthetic) or convert the dataset into images, masks, split lists and labels."""
+    with stage_params(params, SECTIONS) as p:
+        data = prepare(p.data, p.seed, out)
+        typer.echo(f"prepared {data.root}: " + ", ".join(f"{s}={len(data.split(s))}" for s in ("train", "val")))
+
+
+if __name__ == "__main__":
+    typer.run(main)
