@@ -186,6 +186,12 @@ def _log_seed_metrics(
                 if not np.isnan(iou):
                     live.log_metric(f"{map_name}/iou_{protocol}/{cls}", round(float(iou), 5), plot=False)
         points = [{"threshold": float(t), "miou": float(m)} for t, m in zip(grid, summary["sweep"], strict=True)]
-        live.log_plot(f"sweep_{map_name}", points, x="threshold", y="miou", template="linear",
-                      title=f"{map_name}: seed mIoU vs constant background score")
+        live.log_plot(
+            f"sweep_{map_name}",
+            points,
+            x="threshold",
+            y="miou",
+            template="linear",
+            title=f"{map_name}: seed mIoU vs constant background score",
+        )
     return headline

@@ -250,14 +250,19 @@ class StageParams:
     def digest(self) -> str:
         """A stable hash of the declared sections (used to tell whether a checkpoint matches its config)."""
         payload = {name: getattr(self._params, name) for name in self.sections}
-        text = json.dumps({k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in payload.items()},
-                          sort_keys=True)
+        text = json.dumps(
+            {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in payload.items()}, sort_keys=True
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
         """The declared sections as plain data (for logging)."""
-        return {name: getattr(self._params, name) if not isinstance(getattr(self._params, name), BaseModel)
-                else getattr(self._params, name).model_dump(mode="json") for name in self.sections}
+        return {
+            name: getattr(self._params, name)
+            if not isinstance(getattr(self._params, name), BaseModel)
+            else getattr(self._params, name).model_dump(mode="json")
+            for name in self.sections
+        }
 
 
 def load_sections(path: Path | str, sections: tuple[str, ...]) -> StageParams:

@@ -34,6 +34,9 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give artifacts the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

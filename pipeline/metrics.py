@@ -21,9 +21,7 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.n
     gt = gt.reshape(-1).astype(np.int64)
     pred = pred.reshape(-1).astype(np.int64)
     keep = gt != IGNORE
-    return np.bincount(num_classes * gt[keep] + pred[keep], minlength=num_classes**2).reshape(
-        num_classes, num_classes
-    )
+    return np.bincount(num_classes * gt[keep] + pred[keep], minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def iou_per_class(confusion: np.ndarray) -> np.ndarray:
@@ -40,8 +38,8 @@ def mean_iou(confusion: np.ndarray) -> float:
 
 
 def threshold_grid(max_threshold: float, step: float) -> np.ndarray:
-    """Constant background scores 0, step, ..., max_threshold (inclusive, robust to float error)."""
-    count = int(round(max_threshold / step)) + 1
+    """Constant background scores 0, step, ... up to max_threshold (inclusive, robust to float error)."""
+    count = int(np.floor(max_threshold / step + 1e-9)) + 1
     return np.round(np.arange(count) * step, 10)
 
 

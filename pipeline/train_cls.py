@@ -39,9 +39,7 @@ def label_mask(valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_classifier(
-    model: SWTformer, loader: DataLoader, device: torch.device, amp: bool
-) -> dict[str, float]:
+def evaluate_classifier(model: SWTformer, loader: DataLoader, device: torch.device, amp: bool) -> dict[str, float]:
     """Class-wise and sample-wise mAP of the classifier's sigmoid scores on a loader."""
     was_training = model.training
     model.eval()
@@ -106,8 +104,15 @@ def train_classifier(
     train.seed_everything(params.seed)
 
     trainset = ClassificationTrainSet(
-        data, "train_aug", cfg.crop_size, cfg.resize_long, cfg.flip, cfg.color_jitter,
-        params.data.mean, params.data.std, params.seed,
+        data,
+        "train_aug",
+        cfg.crop_size,
+        cfg.resize_long,
+        cfg.flip,
+        cfg.color_jitter,
+        params.data.mean,
+        params.data.std,
+        params.seed,
     )
     valset = ClassificationEvalSet(data, "val", cfg.crop_size, params.data.mean, params.data.std)
     val_loader = DataLoader(valset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
@@ -157,8 +162,13 @@ def train_classifier(
         loader = DataLoader(trainset, batch_sampler=batches, num_workers=cfg.num_workers)
         sums: dict[str, float] = {}
         started = time.perf_counter()
-        bar = tqdm(loader, desc=f"train_cls epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=None if ddp.is_main else True, mininterval=2)
+        bar = tqdm(
+            loader,
+            desc=f"train_cls epoch {epoch + 1}/{cfg.epochs}",
+            unit="step",
+            disable=None if ddp.is_main else True,
+            mininterval=2,
+        )
         for batch in bar:
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["labels"].to(device)
@@ -187,13 +197,21 @@ def train_classifier(
             record.update({f"val/{k}": v for k, v in evaluate_classifier(model, val_loader, device, cfg.amp).items()})
             history.append(record)
             _log_epoch(live, record)
-            log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs,
-                     ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
-            train.save_checkpoint(checkpoint, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": train.rng_state(),
-                "epoch": epoch + 1, "step": step, "config_digest": digest, "history": history,
-            })
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
+            train.save_checkpoint(
+                checkpoint,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": train.rng_state(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "config_digest": digest,
+                    "history": history,
+                },
+            )
 
     final = {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}
     if ddp.is_main:

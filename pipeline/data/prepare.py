@@ -58,8 +58,7 @@ def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDatas
     write_json(out / "cls_labels.json", labels)
     write_json(
         out / "classes.json",
-        {"dataset": "synthetic", "names": names, "palette": [list(c) for c in palette],
-         "image_ext": ".png"},
+        {"dataset": "synthetic", "names": names, "palette": [list(c) for c in palette], "image_ext": ".png"},
     )
     return PreparedDataset.open(out)
 

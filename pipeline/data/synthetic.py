@@ -75,6 +75,7 @@ BODY_PALETTE = np.array(
     dtype=np.float32,
 )
 
+
 # VOC's colour map for label ids 0..N; 255 (ignore) is drawn white-ish like VOC's void colour.
 def voc_palette(num: int = 256) -> list[tuple[int, int, int]]:
     """Return the PASCAL VOC colour map (bit-interleaved) for ``num`` label ids.

@@ -1,0 +1,152 @@
+import os
+import stat
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.synthetic import voc_palette
+from pipeline.io import (
+    CamStore,
+    CamWriter,
+    atomic_path,
+    load_label_png,
+    read_json,
+    save_image_png,
+    save_label_png,
+    write_json,
+)
+
+
+def test_atomic_path_success_replaces_destination(tmp_path):
+    dest = tmp_path / "out.txt"
+    dest.write_text("old")
+    with atomic_path(dest) as tmp:
+        assert tmp != dest
+        assert tmp.parent == dest.parent
+        tmp.write_text("new")
+        assert dest.read_text() == "old"
+    assert dest.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_atomic_path_failure_leaves_destination_and_no_temp(tmp_path):
+    dest = tmp_path / "out.txt"
+    dest.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(dest) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert dest.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_atomic_path_failure_without_previous_file(tmp_path):
+    dest = tmp_path / "sub" / "new.bin"
+    with pytest.raises(ValueError):
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"x")
+            raise ValueError
+    assert not dest.exists()
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_atomic_path_file_mode_follows_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "x.json", {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+
+
+def test_json_round_trip(tmp_path):
+    data = {"a": [1, 2.5, None], "b": {"c": "text"}, "ü": True}
+    path = tmp_path / "deep" / "dir" / "x.json"
+    write_json(path, data)
+    assert read_json(path) == data
+    assert path.read_text().endswith("\n")
+
+
+def test_label_png_round_trip(tmp_path):
+    label = np.array([[0, 1, 2, 255], [6, 5, 4, 3], [255, 255, 0, 1]], dtype=np.uint8)
+    path = tmp_path / "label.png"
+    save_label_png(path, label, voc_palette())
+    with Image.open(path) as image:
+        assert image.mode == "P"
+        palette = image.getpalette()
+    assert palette[3:6] == [128, 0, 0]
+    assert palette[255 * 3 : 256 * 3] == [224, 224, 192]
+    loaded = load_label_png(path)
+    assert loaded.dtype == np.uint8
+    np.testing.assert_array_equal(loaded, label)
+
+
+def test_label_png_short_palette(tmp_path):
+    label = np.array([[0, 1], [255, 2]], dtype=np.uint8)
+    path = tmp_path / "label.png"
+    save_label_png(path, label, [(0, 0, 0), (128, 0, 0), (0, 128, 0)])
+    np.testing.assert_array_equal(load_label_png(path), label)
+
+
+def test_load_label_png_refuses_rgb(tmp_path):
+    path = tmp_path / "rgb.png"
+    save_image_png(path, np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="rgb.png"):
+        load_label_png(path)
+
+
+def make_maps(rng: np.random.Generator, num_keys: int) -> dict[str, np.ndarray]:
+    return {"cam": rng.random((num_keys, 5, 6)).astype(np.float32), "rcam": rng.random((num_keys, 5, 6))}
+
+
+def test_cam_store_round_trip_across_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    writer = CamWriter(tmp_path / "cams", shard_size=2)
+    written = {}
+    for i in range(5):
+        keys = np.array([0, 1 + i % 3, 4 + i % 2])[: 2 + i % 2]
+        maps = make_maps(rng, len(keys))
+        writer.add(f"img_{i}", keys, maps)
+        written[f"img_{i}"] = (keys, maps)
+    writer.close()
+    assert len(list((tmp_path / "cams").glob("shard-*.npz"))) == 3
+    assert not [p for p in (tmp_path / "cams").iterdir() if p.name.startswith(".")]
+
+    store = CamStore(tmp_path / "cams")
+    assert store.ids == [f"img_{i}" for i in range(5)]
+    for image_id in ["img_4", "img_0", "img_3", "img_1", "img_2", "img_0"]:
+        keys, maps = written[image_id]
+        loaded = store.load(image_id)
+        assert set(loaded) == {"keys", "cam", "rcam"}
+        assert loaded["keys"].dtype.kind == "i"
+        np.testing.assert_array_equal(loaded["keys"], keys)
+        for name in ("cam", "rcam"):
+            assert loaded[name].dtype == np.float16
+            np.testing.assert_array_equal(loaded[name], maps[name].astype(np.float16))
+
+
+def test_cam_writer_single_shard_when_small(tmp_path):
+    writer = CamWriter(tmp_path, shard_size=10)
+    writer.add("a", np.array([0]), {"cam": np.ones((1, 2, 2))})
+    writer.close()
+    assert [p.name for p in tmp_path.glob("*.npz")] == ["shard-00000.npz"]
+    assert read_json(tmp_path / "index.json")["images"] == {"a": "shard-00000.npz"}
+
+
+def test_cam_writer_rejects_duplicate_ids(tmp_path):
+    writer = CamWriter(tmp_path, shard_size=2)
+    maps = {"cam": np.zeros((2, 2, 2))}
+    writer.add("a", np.array([0, 1]), maps)
+    with pytest.raises(ValueError, match="'a'"):
+        writer.add("a", np.array([0, 1]), maps)  # still pending
+    writer.add("b", np.array([0, 1]), maps)  # flushes the shard
+    with pytest.raises(ValueError, match="'a'"):
+        writer.add("a", np.array([0, 1]), maps)  # already in a shard
+    with pytest.raises(ValueError):
+        writer.add("x/y", np.array([0, 1]), maps)
+
+
+def test_cam_store_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        CamStore(tmp_path / "missing")

@@ -1,0 +1,307 @@
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.testing import assert_close
+
+from pipeline.config import ModelParams, SwinParams
+from pipeline.models.backbone import PretrainedError, build_backbone
+from pipeline.models.swtformer import (
+    HierarchicalFeatureFusion,
+    build_model,
+    max_norm,
+    prototypes,
+    refined_cam,
+    structure_aware_seeds,
+    with_background,
+)
+
+TINY_SWIN = SwinParams(patch_size=2, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=(2, 2, 2, 2))
+IMG = 32
+NUM_CLASSES = 3
+CHANNELS = [8, 16, 32, 64]
+STRIDES = [4, 8, 16, 32]
+
+
+def tiny_params(**update) -> ModelParams:
+    return ModelParams(**{"version": "v2", "swin": TINY_SWIN, "hff_dims": (4, 4, 8, 8), **update})
+
+
+def tiny_model(version: str = "v2", seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(tiny_params(version=version), NUM_CLASSES, IMG).eval()
+
+
+# --- small functions -------------------------------------------------------------------------------------------
+
+
+def test_max_norm():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 5) * 7
+    x[1, 2] = 0.0
+    y = max_norm(x)
+    peaks = y.amax(dim=(2, 3))
+    assert_close(peaks[0], torch.ones(3), atol=1e-5, rtol=0)
+    assert_close(peaks[1, :2], torch.ones(2), atol=1e-5, rtol=0)
+    assert torch.all(peaks <= 1.0)
+    assert torch.all(y[1, 2] == 0)
+    assert_close(y * (x.amax(dim=(2, 3), keepdim=True) + 1e-5), x)
+
+
+def test_with_background():
+    torch.manual_seed(0)
+    cam = torch.rand(2, 3, 4, 4)
+    out = with_background(cam)
+    assert out.shape == (2, 4, 4, 4)
+    assert_close(out[:, 0], 1.0 - cam.max(dim=1).values)
+    assert_close(out[:, 1:], cam)
+
+
+def test_seeds_are_one_hot_or_zero_and_respect_label_mask():
+    torch.manual_seed(0)
+    cam = torch.rand(2, 4, 3, 3)
+    tokens = torch.randn(2, 5, 3, 3)
+    label_mask = torch.ones(2, 4, 1, 1)
+    label_mask[0, 2] = 0.0
+    label_mask[1, 1] = 0.0
+    seeds = structure_aware_seeds(cam * label_mask, tokens, label_mask)
+    assert seeds.shape == cam.shape
+    assert set(seeds.unique().tolist()) <= {0.0, 1.0}
+    assert set(seeds.sum(dim=1).unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(seeds[0, 2] == 0) and torch.all(seeds[1, 1] == 0)
+
+
+def test_seeds_on_unmasked_maps_win_argmax_then_get_masked():
+    # the argmax is taken before masking: positions won by a masked class end all-zero
+    torch.manual_seed(0)
+    cam = torch.rand(1, 3, 4, 4)
+    tokens = torch.randn(1, 6, 4, 4)
+    full = structure_aware_seeds(cam, tokens, torch.ones(1, 3, 1, 1))
+    assert torch.all(full.sum(dim=1) == 1)
+    mask = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1)
+    masked = structure_aware_seeds(cam, tokens, mask)
+    assert_close(masked, full * mask)
+
+
+def two_group_case(strength: float = 1.0):
+    # positions (0, 0), (0, 1) have token e1; positions (1, 0), (1, 1) have token e2 (orthogonal groups)
+    tokens = torch.zeros(1, 2, 2, 2)
+    tokens[0, 0, 0] = 1.0
+    tokens[0, 1, 1] = 3.0
+    fg = torch.zeros(1, 2, 2, 2)  # two classes
+    fg[0, 0, 0, 0] = strength  # class 1 fires on one token of group A only
+    return with_background(fg), tokens
+
+
+def test_seeds_assign_whole_structure_group():
+    cam, tokens = two_group_case()
+    seeds = structure_aware_seeds(cam, tokens, torch.ones(1, 3, 1, 1))
+    # group A: IoU_1 = 1 / (2 + 1 - 1) = 1/2 beats 0.5 * IoU_bg = 0.5 * 1 / (2 + 3 - 1)
+    # group B: 0.5 * IoU_bg = 0.5 * 2 / (2 + 3 - 2) beats IoU_1 = IoU_2 = 0
+    expected = torch.zeros(1, 3, 2, 2)
+    expected[0, 1, 0] = 1.0
+    expected[0, 0, 1] = 1.0
+    assert_close(seeds, expected)
+
+
+def test_seeds_bg_iou_scale_matters():
+    # weak class-1 activation: group A has IoU_1 = 0.2 / 2 = 0.1 and IoU_bg = 1.8 / (2 + 3.8 - 1.8) = 0.45
+    cam, tokens = two_group_case(strength=0.2)
+    seeds = structure_aware_seeds(cam, tokens, torch.ones(1, 3, 1, 1), bg_iou_scale=0.5)
+    assert torch.all(seeds[0, 0] == 1)  # 0.225 > 0.1: background everywhere
+    seeds = structure_aware_seeds(cam, tokens, torch.ones(1, 3, 1, 1), bg_iou_scale=0.2)
+    assert torch.all(seeds[0, 1, 0] == 1) and torch.all(seeds[0, 0, 1] == 1)  # 0.09 < 0.1
+
+
+def test_seeds_label_mask_removes_class():
+    cam, tokens = two_group_case()
+    mask = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1)
+    seeds = structure_aware_seeds(cam * mask, tokens, mask)
+    assert torch.all(seeds[0, 1] == 0)
+    assert torch.all(seeds[0, :, 1].sum(dim=0) == 1)
+
+
+def test_prototypes_mean_times_seed_fraction():
+    torch.manual_seed(0)
+    features = torch.randn(1, 5, 4, 4)
+    seeds = torch.zeros(1, 3, 4, 4)
+    seeds[0, 0, :2] = 1.0  # 8 positions
+    seeds[0, 1, 2:, :1] = 1.0  # 2 positions
+    protos = prototypes(seeds, features)
+    assert protos.shape == (1, 3, 5)
+    for k, count in ((0, 8), (1, 2)):
+        where = seeds[0, k].bool()
+        mean = features[0][:, where].mean(dim=1)
+        assert_close(protos[0, k], mean * count / 16)
+    assert torch.all(protos[0, 2] == 0)
+
+
+def test_prototypes_resize_seeds_nearest():
+    torch.manual_seed(0)
+    features = torch.randn(1, 3, 4, 4)
+    seeds = torch.zeros(1, 2, 2, 2)
+    seeds[0, 1, 0, 1] = 1.0  # top-right cell -> top-right 2x2 block of the feature grid
+    protos = prototypes(seeds, features)
+    assert_close(protos[0, 1], features[0, :, :2, 2:].sum(dim=(1, 2)) / 16)
+    assert torch.all(protos[0, 0] == 0)
+
+
+def test_refined_cam_range_and_peak():
+    torch.manual_seed(0)
+    features = torch.randn(2, 6, 3, 3)
+    protos = torch.randn(2, 4, 6)
+    protos[:, 3] = 0.0
+    features[0, :, 1, 2] = 2.5 * protos[0, 1]
+    rcam = refined_cam(features, protos)
+    assert rcam.shape == (2, 4, 3, 3)
+    assert rcam.min() >= 0 and rcam.max() <= 1 + 1e-6
+    assert_close(rcam[0, 1, 1, 2], torch.tensor(1.0))
+    assert torch.all(rcam[:, 3] == 0)
+    features[1, :, 0, 0] = -protos[1, 2]
+    assert refined_cam(features, protos)[1, 2, 0, 0] == 0
+
+
+def test_hff_shape_normalisation_and_detach():
+    hff = HierarchicalFeatureFusion(CHANNELS, STRIDES, (4, 4, 8, 8), detach_inputs=True)
+    stages = [torch.randn(2, c, 64 // s, 48 // s, requires_grad=True) for c, s in zip(CHANNELS, STRIDES, strict=True)]
+    out = hff(stages)
+    assert out.shape == (2, 24, 4, 3)
+    assert hff.out_channels == 24
+    assert_close(out[:, 4:8].norm(dim=1), torch.ones(2, 4, 3))  # stage 2 block, no resampling
+    out.sum().backward()
+    assert all(s.grad is None for s in stages)
+    assert hff.projections[0].weight.grad is not None
+
+
+def test_hff_without_detach_reaches_inputs():
+    hff = HierarchicalFeatureFusion(CHANNELS, STRIDES, (4, 4, 8, 8), detach_inputs=False)
+    stages = [torch.randn(1, c, 32 // s, 32 // s, requires_grad=True) for c, s in zip(CHANNELS, STRIDES, strict=True)]
+    hff(stages).square().sum().backward()
+    assert all(s.grad is not None for s in stages)
+
+
+# --- backbone and model ----------------------------------------------------------------------------------------
+
+
+def test_backbone_odd_input_sizes_nchw():
+    backbone = build_backbone(tiny_params(), IMG).eval()
+    assert backbone.strides == [2, 4, 8, 16]
+    assert backbone.channels == [8, 16, 32, 64]
+    with torch.no_grad():
+        maps = backbone(torch.randn(1, 3, 37, 29))
+    assert len(maps) == 4
+    for m, c, s in zip(maps, backbone.channels, backbone.strides, strict=True):
+        assert m.shape == (1, c, math.ceil(37 / s), math.ceil(29 / s))
+
+
+def test_v2_forward_shapes():
+    model = tiny_model("v2")
+    x = torch.randn(2, 3, IMG, IMG)
+    mask = torch.ones(2, NUM_CLASSES + 1, 1, 1)
+    with torch.no_grad():
+        out = model(x, mask)
+    k = NUM_CLASSES + 1
+    assert out["logits"].shape == (2, NUM_CLASSES)
+    assert out["cam"].shape == (2, NUM_CLASSES, 2, 2)
+    assert out["cam_bg"].shape == (2, k, 2, 2)
+    assert out["seeds"].shape == (2, k, 2, 2)
+    assert out["rcam"].shape == (2, k, 4, 4)
+    assert out["cam"].min() >= 0 and out["cam"].max() <= 1
+    assert out["rcam"].min() >= 0 and out["rcam"].max() <= 1 + 1e-6
+    assert set(out["seeds"].sum(dim=1).unique().tolist()) <= {0.0, 1.0}
+
+
+def test_v2_forward_with_spatial_label_mask():
+    model = tiny_model("v2")
+    mask = torch.ones(1, NUM_CLASSES + 1, IMG, IMG)
+    mask[:, 2] = 0.0
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, IMG, IMG), mask)
+    assert torch.all(out["seeds"][:, 2] == 0)
+    assert torch.all(out["rcam"][:, 2] == 0)
+
+
+def test_v1_forward_shapes():
+    model = tiny_model("v1")
+    assert model.hff is None
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, IMG, IMG))
+    assert set(out) == {"logits", "cam"}
+    assert out["logits"].shape == (2, NUM_CLASSES)
+    assert out["cam"].shape == (2, NUM_CLASSES, 2, 2)
+
+
+def test_classify_equals_logits():
+    model = tiny_model("v2")
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        assert_close(model.classify(x), model(x, torch.ones(2, NUM_CLASSES + 1, 1, 1))["logits"])
+
+
+def test_v2_without_label_mask_raises():
+    model = tiny_model("v2")
+    with pytest.raises(ValueError, match="label mask"), torch.no_grad():
+        model(torch.randn(1, 3, IMG, IMG))
+
+
+def test_new_modules():
+    assert len(tiny_model("v2").new_modules()) == 2
+    assert len(tiny_model("v1").new_modules()) == 1
+
+
+def test_pretrained_missing_file(tmp_path):
+    with pytest.raises(PretrainedError, match="not found"):
+        build_backbone(tiny_params(pretrained=str(tmp_path / "nope.safetensors")), IMG)
+
+
+def test_pretrained_without_matching_weights(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"something.else": torch.zeros(3)}, str(path))
+    with pytest.raises(PretrainedError, match="no weights"):
+        build_backbone(tiny_params(pretrained=str(path)), IMG)
+
+
+def test_pretrained_safetensors_really_load(tmp_path):
+    torch.manual_seed(1)
+    source = build_backbone(tiny_params(), IMG).eval()
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
+    torch.manual_seed(2)
+    fresh = build_backbone(tiny_params(), IMG).eval()
+    torch.manual_seed(2)
+    loaded = build_backbone(tiny_params(pretrained=str(path)), IMG).eval()
+    x = torch.randn(1, 3, IMG, IMG)
+    with torch.no_grad():
+        want, got, before = source(x)[-1], loaded(x)[-1], fresh(x)[-1]
+    assert not torch.allclose(before, want)
+    assert_close(got, want)
+
+
+def test_pretrained_pth_checkpoint_with_model_key(tmp_path):
+    torch.manual_seed(1)
+    source = build_backbone(tiny_params(), IMG).eval()
+    path = tmp_path / "weights.pth"
+    torch.save({"model": source.model.state_dict()}, path)
+    torch.manual_seed(2)
+    loaded = build_backbone(tiny_params(pretrained=str(path)), IMG).eval()
+    x = torch.randn(1, 3, IMG, IMG)
+    with torch.no_grad():
+        assert_close(loaded(x)[0], source(x)[0])
+
+
+def test_pretrained_shape_mismatch_is_pretrained_error(tmp_path):
+    other = build_backbone(tiny_params(swin=TINY_SWIN.model_copy(update={"embed_dim": 16})), IMG)
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(path))
+    with pytest.raises(PretrainedError) as info:
+        build_backbone(tiny_params(pretrained=str(path)), IMG)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_pretrained_corrupt_file_is_pretrained_error(tmp_path, suffix):
+    path = tmp_path / f"broken{suffix}"
+    path.write_bytes(b"garbage")
+    with pytest.raises(PretrainedError, match="broken"):
+        build_backbone(tiny_params(pretrained=str(path)), IMG)

@@ -1,0 +1,181 @@
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.train import (
+    Dist,
+    TrainingError,
+    check_finite,
+    epoch_indices,
+    load_checkpoint,
+    param_groups,
+    resolve_device,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    warmup_decay,
+)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "poly"])
+def test_warmup_decay_key_points(schedule):
+    total, warmup, floor = 100, 10, 0.01
+    assert warmup_decay(0, total, warmup, schedule, floor) == pytest.approx(0.1)
+    assert warmup_decay(4, total, warmup, schedule, floor) == pytest.approx(0.5)
+    assert warmup_decay(warmup - 1, total, warmup, schedule, floor) == pytest.approx(1.0)
+    assert warmup_decay(warmup, total, warmup, schedule, floor) == pytest.approx(1.0)
+    assert warmup_decay(total, total, warmup, schedule, floor) == pytest.approx(floor)
+    assert warmup_decay(total + 50, total, warmup, schedule, floor) == pytest.approx(floor)
+    values = [warmup_decay(s, total, warmup, schedule, floor) for s in range(warmup, total + 1)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(floor <= v <= 1 for v in values)
+
+
+def test_warmup_decay_midpoints():
+    # after warm-up, progress 1/2 at step 10 + 45
+    assert warmup_decay(55, 100, 10, "cosine", 0.0) == pytest.approx(0.5)
+    assert warmup_decay(55, 100, 10, "cosine", 0.2) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert warmup_decay(55, 100, 10, "poly", 0.0) == pytest.approx(0.5**0.9)
+
+
+def test_warmup_decay_without_warmup():
+    assert warmup_decay(0, 10, 0, "cosine", 0.0) == pytest.approx(1.0)
+    assert warmup_decay(10, 10, 0, "cosine", 0.0) == pytest.approx(0.0)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(3, 2))
+        self.head = nn.Linear(4, 2)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def test_param_groups():
+    model = TinyNet()
+    groups = param_groups(model, [model.head], lr=0.1, head_mult=10.0, wd=0.05)
+    owner = {}
+    for group in groups:
+        for param in group["params"]:
+            assert id(param) not in owner
+            owner[id(param)] = group
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert set(owner) == {id(p) for p in trainable}
+    assert id(model.frozen.weight) not in owner
+
+    def settings(param):
+        group = owner[id(param)]
+        return group["lr"], group["weight_decay"]
+
+    assert settings(model.head.weight) == (pytest.approx(1.0), 0.05)
+    assert settings(model.head.bias) == (pytest.approx(1.0), 0.0)
+    assert settings(model.body.weight) == (pytest.approx(0.1), 0.05)
+    assert settings(model.body.bias) == (pytest.approx(0.1), 0.0)
+    assert settings(model.norm.weight) == (pytest.approx(0.1), 0.0)
+    assert settings(model.relative_position_bias_table) == (pytest.approx(0.1), 0.0)
+
+
+def test_check_finite():
+    check_finite(torch.tensor(1.5), step=3)
+    with pytest.raises(TrainingError, match="step 17"):
+        check_finite(torch.tensor(float("nan")), step=17)
+    with pytest.raises(TrainingError, match=r"gsc became inf at step 4"):
+        check_finite(torch.tensor(float("inf")), step=4, name="gsc")
+
+
+def test_epoch_indices_single_process():
+    batches = list(epoch_indices(10, seed=0, epoch=0, ddp=Dist(), batch_size=3))
+    assert len(batches) == 3
+    assert all(len(b) == 3 for b in batches)
+    flat = [i for b in batches for i in b]
+    assert len(set(flat)) == 9 and set(flat) <= set(range(10))
+    assert batches == list(epoch_indices(10, seed=0, epoch=0, ddp=Dist(), batch_size=3))
+    assert batches != list(epoch_indices(10, seed=0, epoch=1, ddp=Dist(), batch_size=3))
+    assert batches != list(epoch_indices(10, seed=1, epoch=0, ddp=Dist(), batch_size=3))
+
+
+def test_epoch_indices_exact_multiple_keeps_all():
+    batches = list(epoch_indices(8, seed=0, epoch=0, ddp=Dist(), batch_size=4))
+    assert sorted(i for b in batches for i in b) == list(range(8))
+
+
+def test_epoch_indices_shards_cover_global_batch():
+    world, batch = 2, 2
+    shards = [list(epoch_indices(11, 5, 2, Dist(rank=r, world_size=world), batch)) for r in range(world)]
+    global_batches = list(epoch_indices(11, 5, 2, Dist(), batch * world))
+    assert len(global_batches) == 2  # 11 // 4, the partial batch is dropped
+    assert all(len(s) == len(global_batches) for s in shards)
+    for step, global_batch in enumerate(global_batches):
+        per_rank = [set(s[step]) for s in shards]
+        assert all(len(part) == batch for part in per_rank)
+        assert per_rank[0].isdisjoint(per_rank[1])
+        assert per_rank[0] | per_rank[1] == set(global_batch)
+
+
+def test_epoch_indices_too_few_samples():
+    assert list(epoch_indices(3, 0, 0, Dist(), 4)) == []
+
+
+def test_dist():
+    assert Dist().is_main
+    assert not Dist(rank=1, world_size=2).is_main
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": 12,
+        "config": "abc123",
+        "history": [0.5, 0.25],
+        "rng": rng_state(),
+    }
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint(path, state)
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+    loaded = load_checkpoint(path)
+    assert loaded["step"] == 12 and loaded["config"] == "abc123" and loaded["history"] == [0.5, 0.25]
+    for key, value in state["model"].items():
+        assert torch.equal(loaded["model"][key], value)
+    restored = torch.optim.AdamW(nn.Linear(3, 2).parameters(), lr=0.1)
+    restored.load_state_dict(loaded["optimizer"])
+    assert restored.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+
+
+def test_load_checkpoint_missing_is_none(tmp_path):
+    assert load_checkpoint(tmp_path / "none.pt") is None
+
+
+class Arbitrary:
+    pass
+
+
+def test_load_checkpoint_is_weights_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"thing": Arbitrary()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path)
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    first = torch.rand(3)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), first)
+
+
+def test_resolve_device_cpu():
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(TrainingError, match="cuda"):
+            resolve_device("cuda")
