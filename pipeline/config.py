@@ -43,6 +43,7 @@ class SyntheticParams(Section):
     min_scale: Annotated[float, Field(gt=0, lt=0.5)] = 0.14
     max_scale: Annotated[float, Field(gt=0, lt=0.5)] = 0.34
     context_prob: Probability = 0.7
+    body_color_bias: Probability = 0.5
     noise_std: Annotated[float, Field(ge=0)] = 6.0
     boundary_width: Annotated[int, Field(ge=0, le=8)] = 1
     min_visible_pixels: Annotated[int, Field(ge=1)] = 16
@@ -75,6 +76,7 @@ class SwinParams(Section):
     num_heads: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (1, 2, 4, 8)
     window_size: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (4, 4, 4, 3)
     mlp_ratio: PositiveFloat = 2.0
+    conv_stem: bool = True
 
 
 class ModelParams(Section):

@@ -2,8 +2,9 @@
 
 Every image is a background texture with one to three objects painted on it. Each object class has
 
-* a **body** whose shape is class-specific but whose colour comes from a palette shared by all classes, so
-  the body is only weakly distinctive, and
+* a **body** whose shape is class-specific and whose colour is the class's typical colour only part of the
+  time (``body_color_bias``), otherwise any colour of a palette shared by all classes, so the body is only
+  weakly distinctive, and
 * a small **discriminative part** (a saturated mark of a class-specific colour and shape) near the top of
   the body, where a classifier's CAM fires first.
 
@@ -37,6 +38,7 @@ class ObjectClass:
         part: Shape of the discriminative mark: ``disk``, ``square`` or ``bar``.
         part_color: RGB colour of the mark.
         context: Index into ``TEXTURES`` of the background this class usually sits on.
+        body_color: Index into ``BODY_PALETTE`` of the class's typical body colour.
     """
 
     name: str
@@ -44,17 +46,18 @@ class ObjectClass:
     part: str
     part_color: tuple[int, int, int]
     context: int
+    body_color: int
 
 
 TEXTURES = ("sky", "water", "sand", "road", "grass", "wall")
 
 CLASSES = (
-    ObjectClass("kite", "diamond", "disk", (230, 30, 40), context=0),
-    ObjectClass("boat", "trapezoid", "bar", (250, 250, 250), context=1),
-    ObjectClass("turtle", "ellipse", "square", (40, 200, 60), context=2),
-    ObjectClass("car", "rectangle", "bar", (250, 210, 20), context=3),
-    ObjectClass("beetle", "ellipse", "disk", (220, 40, 220), context=4),
-    ObjectClass("sign", "rectangle", "square", (30, 220, 230), context=5),
+    ObjectClass("kite", "diamond", "disk", (230, 30, 40), context=0, body_color=0),
+    ObjectClass("boat", "trapezoid", "bar", (250, 250, 250), context=1, body_color=1),
+    ObjectClass("turtle", "ellipse", "square", (40, 200, 60), context=2, body_color=2),
+    ObjectClass("car", "rectangle", "bar", (250, 210, 20), context=3, body_color=3),
+    ObjectClass("beetle", "ellipse", "disk", (220, 40, 220), context=4, body_color=4),
+    ObjectClass("sign", "rectangle", "square", (30, 220, 230), context=5, body_color=5),
 )
 
 # How far above the body centre the mark sits, in units of the vertical half-extent (it stays inside the body).
@@ -217,7 +220,8 @@ def generate_sample(index: int, seed: int, spec: SyntheticParams) -> tuple[np.nd
         angle = rng.uniform(-0.35, 0.35)
         distances = np.linalg.norm(BODY_PALETTE - background_mean, axis=1)
         candidates = np.flatnonzero(distances > 60) if (distances > 60).any() else np.arange(len(BODY_PALETTE))
-        body_color = BODY_PALETTE[rng.choice(candidates)] + rng.normal(0, 8, 3)
+        typical = cls.body_color in candidates and rng.random() < spec.body_color_bias
+        body_color = BODY_PALETTE[cls.body_color if typical else rng.choice(candidates)] + rng.normal(0, 8, 3)
         body = _fill(size, _polygon(cls.body, cx, cy, rx, ry, angle))
         part_radius = max(2.0, 0.3 * min(rx, ry))
         part_y = cy - PART_OFFSET[cls.body] * ry
