@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageEnhance
 from torch.utils.data import Dataset
 
 from pipeline.data.layout import PreparedDataset
@@ -104,7 +103,8 @@ class ClassificationTrainSet(Dataset):
         image = resize_long(image, int(rng.integers(self.resize_long[0], self.resize_long[1] + 1)))
         if self.color_jitter > 0:
             b, c, s = 1.0 + rng.uniform(-self.color_jitter, self.color_jitter, 3)
-            image = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), c), s)
+            for enhancer, factor in ((ImageEnhance.Brightness, b), (ImageEnhance.Contrast, c), (ImageEnhance.Color, s)):
+                image = enhancer(image).enhance(factor)
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         canvas, valid = place_in_canvas(normalize(np.asarray(image), self.mean, self.std), self.crop_size, rng)

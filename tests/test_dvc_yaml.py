@@ -1,0 +1,246 @@
+"""``dvc.yaml`` agrees with the code: each stage reads exactly the params sections it declares, and more."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from pipeline import config
+from pipeline.config import Params, StageParams
+from stages.cli import STAGES
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGE_NAMES = sorted(DVC["stages"])
+# attributes of StageParams that are not sections
+STAGE_PARAMS_API = {"digest", "as_dict", "sections"}
+
+
+def declared(name: str) -> set[str]:
+    entries = DVC["stages"][name].get("params", [])
+    assert all(isinstance(e, str) for e in entries), f"{name}: params entries must be section names: {entries}"
+    return set(entries)
+
+
+def test_every_cli_stage_is_a_dvc_stage():
+    assert set(STAGES) == set(STAGE_NAMES)
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_stage_sections_match_dvc_params(name):
+    module = importlib.import_module(f"stages.{name}")
+    assert isinstance(module.SECTIONS, tuple)
+    assert len(set(module.SECTIONS)) == len(module.SECTIONS), "no duplicates"
+    assert set(module.SECTIONS) == declared(name)
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_declared_sections_exist(name):
+    assert declared(name) <= set(config.SECTIONS)
+    assert set(config.SECTIONS) == set(Params.model_fields)
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_cmd_runs_the_stage(name):
+    cmd = " ".join(DVC["stages"][name]["cmd"].split())
+    assert cmd == f"wsss {name}" or cmd.startswith(f"wsss {name} ")
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_cmd_options_exist(name):
+    # every --option in the dvc.yaml command is an option of the stage (typer would reject it at run time)
+    options = {"--" + p.replace("_", "-") for p in inspect.signature(STAGES[name].main).parameters}
+    used = {word for word in DVC["stages"][name]["cmd"].split() if word.startswith("--")}
+    assert used <= options
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_deps_exist(name):
+    outs = {o for stage in DVC["stages"].values() for o in stage.get("outs", [])}
+    for dep in DVC["stages"][name].get("deps", []):
+        assert dep in outs or (REPO / dep).exists(), f"{name}: dependency {dep} is neither in the repo nor an out"
+    own = f"stages/{name}.py"
+    assert own in DVC["stages"][name]["deps"], f"{name} must depend on its own module {own}"
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_library_modules_the_stage_imports_are_deps(name):
+    # the library module that holds the function a stage calls must be a dependency, or a code change in it
+    # would not re-run the stage
+    deps = DVC["stages"][name]["deps"]
+    module = importlib.import_module(f"stages.{name}")
+    callees = _library_calls(module)
+    assert callees, f"stages/{name}.py calls no library function?"
+    for callee in callees:
+        path = Path(inspect.getsourcefile(callee)).resolve().relative_to(REPO).as_posix()
+        assert any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps), f"{name}: {path} not in deps"
+
+
+def _outs_cover(path: str) -> bool:
+    for stage in DVC["stages"].values():
+        for out in stage.get("outs", []):
+            out = out if isinstance(out, str) else next(iter(out))
+            if path == out or path.startswith(out.rstrip("/") + "/"):
+                return True
+    return False
+
+
+def test_top_level_metrics_are_outs():
+    assert DVC["metrics"]
+    for path in DVC["metrics"]:
+        assert _outs_cover(path), path
+
+
+def test_top_level_plots_are_outs():
+    paths = []
+    for plot in DVC["plots"]:
+        if isinstance(plot, str):
+            paths.append(plot)
+            continue
+        ((title, spec),) = plot.items()
+        y = (spec or {}).get("y")
+        paths.extend(y if isinstance(y, dict) else [title])
+    assert len(paths) >= 6
+    for path in paths:
+        assert _outs_cover(path), path
+
+
+def test_undeclared_section_raises_at_access():
+    params = StageParams(Params(), ("cams",))
+    assert params.cams.shard_size == Params().cams.shard_size
+    with pytest.raises(AttributeError, match="did not declare params section 'model'"):
+        _ = params.model
+    with pytest.raises(AttributeError):
+        _ = params.train_cls.epochs
+    with pytest.raises(KeyError):
+        StageParams(Params(), ("cams", "no_such_section"))
+
+
+def test_digest_depends_only_on_declared_sections():
+    # a checkpoint stays valid when an undeclared section changes, and not when a declared one does
+    base = Params()
+    changed_other = base.model_copy(update={"cams": base.cams.model_copy(update={"shard_size": 3})})
+    changed_own = base.model_copy(update={"loss": base.loss.model_copy(update={"ccl": False})})
+    sections = importlib.import_module("stages.train_cls").SECTIONS
+    digest = StageParams(base, sections).digest()
+    assert StageParams(changed_other, sections).digest() == digest
+    assert StageParams(changed_own, sections).digest() != digest
+
+
+# --- static check: the code a stage runs reads only the sections it declares --------------------------------
+
+
+def _attributes_of(source: str, name: str) -> set[str]:
+    """Every ``<name>.<attr>`` in ``source``."""
+    tree = ast.parse(textwrap.dedent(source))
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == name
+    }
+
+
+def _params_variable(module) -> str:
+    """The name bound by ``with stage_params(...) as <name>`` in the stage's ``main``."""
+    return _params_variable_of(module.main)
+
+
+def _params_variable_of(function) -> str:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With):
+            for item in node.items:
+                call = item.context_expr
+                if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "stage_params":
+                    return item.optional_vars.id
+    raise AssertionError(f"{function.__qualname__} does not use `with stage_params(...) as p`")
+
+
+def _library_calls(module) -> list:
+    """The ``pipeline.*`` functions that the stage's ``main`` calls."""
+    tree = ast.parse(inspect.getsource(module.main))
+    names = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    callees = [getattr(module, n, None) for n in sorted(names)]
+    return [c for c in callees if inspect.isfunction(c) and c.__module__.startswith("pipeline.")]
+
+
+def _called_with_params(module) -> dict[str, object]:
+    """Library functions that ``main`` hands the whole StageParams object to, mapped to their parameter name."""
+    return _calls_passing(module.main, _params_variable(module))
+
+
+def _calls_passing(function, variable: str) -> dict[str, object]:
+    """Functions that ``function`` calls with its local ``variable`` as an argument -> that parameter's name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    scope = function.__globals__
+    found = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.func.id == "stage_params":
+            continue
+        callee = scope.get(node.func.id)
+        if not inspect.isfunction(callee):
+            continue
+        signature = list(inspect.signature(callee).parameters)
+        for position, arg in enumerate(node.args):
+            if isinstance(arg, ast.Name) and arg.id == variable:
+                found[signature[position]] = callee
+        for keyword in node.keywords:
+            if isinstance(keyword.value, ast.Name) and keyword.value.id == variable:
+                found[keyword.arg] = callee
+    return found
+
+
+def _sections_read(function, variable: str, seen: set | None = None) -> set[str]:
+    """Attributes read from ``variable`` in ``function`` and, recursively, in the functions it hands it to."""
+    seen = set() if seen is None else seen
+    if function in seen:
+        return set()
+    seen.add(function)
+    read = _attributes_of(inspect.getsource(function), variable) - STAGE_PARAMS_API
+    for argument, callee in _calls_passing(function, variable).items():
+        read |= _sections_read(callee, argument, seen)
+    return read
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_stage_module_reads_only_declared_sections(name):
+    module = importlib.import_module(f"stages.{name}")
+    read = _attributes_of(inspect.getsource(module.main), _params_variable(module)) - STAGE_PARAMS_API
+    assert read or _called_with_params(module), f"stages/{name}.py uses no params section?"
+    assert read <= set(module.SECTIONS), f"stages/{name}.py reads undeclared sections {read - set(module.SECTIONS)}"
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_library_functions_read_only_declared_sections(name):
+    module = importlib.import_module(f"stages.{name}")
+    read = _sections_read(module.main, _params_variable(module))
+    assert read, f"stages/{name}.py uses no params section?"
+    assert read <= set(module.SECTIONS), f"the code of stage {name} reads undeclared {read - set(module.SECTIONS)}"
+
+
+def _helper_reading_model(params):
+    return params.model.version
+
+
+def _fake_stage_main(params):
+    with stage_params(params, ("cams",)) as p:  # noqa: F821 - never run, only parsed
+        return p.cams, _helper_reading_model(p)
+
+
+def test_static_checker_catches_an_undeclared_read():
+    # the recursive check sees a section read two calls away from the stage's main
+    assert _params_variable_of(_fake_stage_main) == "p"
+    assert _sections_read(_fake_stage_main, "p") == {"cams", "model"}
+
+
+def test_static_checker_follows_train_classifier_helpers():
+    from pipeline import train_cls
+
+    assert train_cls._save_model in _calls_passing(train_cls.train_classifier, "params").values()
+    assert _sections_read(train_cls._save_model, "params") == {"model", "train_cls", "data"}
