@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE = 255
+from pipeline.io import IGNORE
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:

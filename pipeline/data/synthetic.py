@@ -24,8 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.config import SyntheticParams
-
-IGNORE = 255
+from pipeline.io import IGNORE
 
 
 @dataclass(frozen=True)
