@@ -113,9 +113,7 @@ def _convert_split(
             raise DatasetError(f"{ann_path}: image {image_id} has annotations of unknown categories {sorted(unknown)}")
         image_path = root / folder / file_name
         if image_size(image_path) != (info["width"], info["height"]):
-            raise DatasetError(
-                f"image {image_path} is not {info['width']}x{info['height']} as {ann_path} says (WxH)"
-            )
+            raise DatasetError(f"image {image_path} is not {info['width']}x{info['height']} as {ann_path} says (WxH)")
         name = Path(file_name).stem
         mask = semantic_mask(coco, annotations, info["height"], info["width"], label_of)
         save_label_png(out / "masks" / f"{name}.png", mask, palette)
