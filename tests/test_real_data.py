@@ -26,6 +26,7 @@ from raw_fixtures import (
 from pipeline.config import DataParams
 from pipeline.data.layout import DatasetError, PreparedDataset
 from pipeline.data.prepare import prepare
+from pipeline.data.raw import process_map
 from pipeline.data.voc import CLASSES
 
 
@@ -254,3 +255,15 @@ def test_synthetic_layout_still_copies_images(tmp_path):
     data = prepare(params, 0, tmp_path / "prepared")
     assert data.image_root == data.root / "images" and "image_root" not in data.info
     assert data.image_path(data.split("train")[0]).is_file()
+
+
+def _fail_on_three(item: int) -> int:
+    if item == 3:
+        raise DatasetError(f"bad item {item}")
+    return item * 2
+
+
+def test_process_map_in_worker_processes_keeps_order_and_reraises():
+    assert process_map(_fail_on_three, list(range(4, 24)), "test", workers=2) == [2 * i for i in range(4, 24)]
+    with pytest.raises(DatasetError, match="^bad item 3$"):
+        process_map(_fail_on_three, list(range(10)), "test", workers=2)

@@ -27,17 +27,18 @@ memory at a time; the annotation index of one split is (pycocotools loads the JS
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from tqdm import tqdm
 
 from pipeline.data.layout import DatasetError, PreparedDataset, write_index
-from pipeline.data.raw import image_size, plain_name, reference, require
+from pipeline.data.raw import image_size, plain_name, process_map, reference, require
 from pipeline.data.synthetic import voc_palette
 from pipeline.io import IGNORE, save_label_png
 
@@ -73,11 +74,21 @@ def category_labels(coco: COCO, path: Path) -> tuple[dict[int, int], list[str]]:
     return {c["id"]: i + 1 for i, c in enumerate(cats)}, ["background"] + [c["name"] for c in cats]
 
 
-def semantic_mask(coco: COCO, annotations: list[dict], height: int, width: int, label_of: dict[int, int]) -> np.ndarray:
+def annotation_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
+    """Rasterise one annotation's polygons, uncompressed RLE or compressed RLE into a (H, W) uint8 0/1 map."""
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle)
+
+
+def semantic_mask(annotations: list[dict], height: int, width: int, label_of: dict[int, int]) -> np.ndarray:
     """Rasterise one image's instances into a (H, W) uint8 class map (crowd -> 255, larger objects first).
 
     Args:
-        coco: The annotation index (used to decode polygons and RLEs).
         annotations: The image's annotations.
         height: Image height.
         width: Image width.
@@ -89,11 +100,23 @@ def semantic_mask(coco: COCO, annotations: list[dict], height: int, width: int, 
     mask = np.zeros((height, width), np.uint8)
     for ann in annotations:
         if ann.get("iscrowd", 0):
-            mask[coco.annToMask(ann) > 0] = IGNORE
+            mask[annotation_mask(ann["segmentation"], height, width) > 0] = IGNORE
     objects = sorted((a for a in annotations if not a.get("iscrowd", 0)), key=lambda a: (-a["area"], a["id"]))
     for ann in objects:
-        mask[coco.annToMask(ann) > 0] = label_of[ann["category_id"]]
+        mask[annotation_mask(ann["segmentation"], height, width) > 0] = label_of[ann["category_id"]]
     return mask
+
+
+def _convert_image(
+    task: tuple[dict, list[dict]], folder: Path, ann_path: Path, out: Path, label_of: dict, palette: list
+):
+    """Check one image against its annotation record and write its semantic mask."""
+    info, annotations = task
+    image_path = folder / info["file_name"]
+    if image_size(image_path) != (info["width"], info["height"]):
+        raise DatasetError(f"image {image_path} is not {info['width']}x{info['height']} as {ann_path} says (WxH)")
+    mask = semantic_mask(annotations, info["height"], info["width"], label_of)
+    save_label_png(out / "masks" / f"{Path(info['file_name']).stem}.png", mask, palette)
 
 
 def _convert_split(
@@ -101,8 +124,8 @@ def _convert_split(
 ) -> tuple[list[str], dict[str, list[int]], dict[str, str]]:
     """Write the masks of one split; return its image ids, labels and image files."""
     folder = SPLITS[split]
-    ids, labels, files = [], {}, {}
-    for image_id in tqdm(sorted(coco.getImgIds()), desc=f"prepare coco {split}", unit="img", disable=None):
+    tasks, ids, labels, files = [], [], {}, {}
+    for image_id in sorted(coco.getImgIds()):
         annotations = coco.imgToAnns.get(image_id, [])
         if not annotations:
             continue
@@ -111,15 +134,15 @@ def _convert_split(
         unknown = {a["category_id"] for a in annotations} - set(label_of)
         if unknown:
             raise DatasetError(f"{ann_path}: image {image_id} has annotations of unknown categories {sorted(unknown)}")
-        image_path = root / folder / file_name
-        if image_size(image_path) != (info["width"], info["height"]):
-            raise DatasetError(f"image {image_path} is not {info['width']}x{info['height']} as {ann_path} says (WxH)")
         name = Path(file_name).stem
-        mask = semantic_mask(coco, annotations, info["height"], info["width"], label_of)
-        save_label_png(out / "masks" / f"{name}.png", mask, palette)
         ids.append(name)
         labels[name] = sorted({label_of[a["category_id"]] for a in annotations})
         files[name] = f"{folder}/{file_name}"
+        tasks.append((info, annotations))
+    convert = functools.partial(
+        _convert_image, folder=root / folder, ann_path=ann_path, out=out, label_of=label_of, palette=palette
+    )
+    process_map(convert, tasks, f"prepare coco {split}")
     if len(ids) != EXPECTED_SIZES[split]:
         log.warning("COCO split %s has %d images (the standard one has %d)", split, len(ids), EXPECTED_SIZES[split])
     return ids, labels, files

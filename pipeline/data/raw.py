@@ -6,17 +6,22 @@ Every problem is a :class:`~pipeline.data.layout.DatasetError` with a one-line m
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from pipeline.data.layout import DatasetError
 from pipeline.io import IGNORE
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_WORKERS = 8  # conversion is CPU-bound per image; more processes mostly add memory
 
 
 def require(base: Path, entries: list[str], what: str, hint: str) -> None:
@@ -147,3 +152,31 @@ def reference(folder: Path, out: Path) -> str:
     if folder.is_absolute():
         return str(folder)
     return os.path.relpath(folder.absolute(), out.absolute())
+
+
+def default_workers() -> int:
+    """Worker processes for converting a dataset: the usable CPUs, at most :data:`MAX_WORKERS`."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def process_map(function: Callable[[Any], Any], items: Sequence, desc: str, workers: int | None = None) -> list:
+    """``[function(item) for item in items]`` in worker processes, in order, with a progress bar.
+
+    ``function`` and the items must be picklable (a module-level function, or a ``functools.partial`` of one).
+    Small inputs run in this process. An exception raised for an item (e.g. a ``DatasetError``) is re-raised here.
+
+    Args:
+        function: The per-item work.
+        items: The inputs.
+        desc: Progress-bar label.
+        workers: Process count (default :func:`default_workers`).
+
+    Returns:
+        The results in the order of ``items``.
+    """
+    workers = default_workers() if workers is None else workers
+    bar = {"total": len(items), "desc": desc, "unit": "img", "disable": None, "mininterval": 2}
+    if workers <= 1 or len(items) < 4 * workers:
+        return [function(item) for item in tqdm(items, **bar)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return list(tqdm(pool.imap(function, items, chunksize=16), **bar))

@@ -19,15 +19,24 @@ classes present in the mask. Images are referenced in place (``image_root``), ma
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.data.layout import PreparedDataset, write_index
-from pipeline.data.raw import check_same_size, image_size, plain_name, read_id_list, read_mask, reference, require
+from pipeline.data.raw import (
+    check_same_size,
+    image_size,
+    plain_name,
+    process_map,
+    read_id_list,
+    read_mask,
+    reference,
+    require,
+)
 from pipeline.data.synthetic import voc_palette
 from pipeline.io import IGNORE, save_label_png
 
@@ -101,6 +110,17 @@ def voc_splits(voc_dir: Path) -> dict[str, list[str]]:
     return splits
 
 
+def _convert_image(item: tuple[str, str], voc_dir: Path, out: Path, palette: list) -> list[int]:
+    """Check one image and its mask (from ``item = (id, mask folder)``), write the mask; return its labels."""
+    image_id, folder = item
+    mask_path = voc_dir / folder / f"{image_id}.png"
+    mask = read_mask(mask_path, len(CLASSES))
+    image_path = voc_dir / "JPEGImages" / f"{image_id}.jpg"
+    check_same_size(image_path, mask_path, image_size(image_path), mask.shape)
+    save_label_png(out / "masks" / f"{image_id}.png", mask, palette)
+    return [int(c) for c in np.unique(mask) if c not in (0, IGNORE)]
+
+
 def prepare_voc(root: Path | str, out: Path) -> PreparedDataset:
     """Convert VOC 2012 + SBD under ``root`` into the prepared layout in ``out``.
 
@@ -125,15 +145,9 @@ def prepare_voc(root: Path | str, out: Path) -> PreparedDataset:
     palette = voc_palette()
     if out.exists():
         shutil.rmtree(out)
-    labels: dict[str, list[int]] = {}
-    for image_id in tqdm(ids, desc="prepare voc", unit="img", disable=None, mininterval=2):
-        folder = "SegmentationClass" if image_id in fine else "SegmentationClassAug"
-        mask_path = voc_dir / folder / f"{image_id}.png"
-        mask = read_mask(mask_path, len(CLASSES))
-        image_path = voc_dir / "JPEGImages" / f"{image_id}.jpg"
-        check_same_size(image_path, mask_path, image_size(image_path), mask.shape)
-        labels[image_id] = [int(c) for c in np.unique(mask) if c not in (0, IGNORE)]
-        save_label_png(out / "masks" / f"{image_id}.png", mask, palette)
+    items = [(i, "SegmentationClass" if i in fine else "SegmentationClassAug") for i in ids]
+    convert = functools.partial(_convert_image, voc_dir=voc_dir, out=out, palette=palette)
+    labels = dict(zip(ids, process_map(convert, items, "prepare voc"), strict=True))
     empty = sum(1 for present in labels.values() if not present)
     if empty:
         log.warning("%d VOC images have no foreground class in their mask", empty)
