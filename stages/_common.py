@@ -11,11 +11,12 @@ from typing import Annotated
 import typer
 
 from pipeline.config import ConfigError, StageParams, load_sections
+from pipeline.data.download import DownloadError
 from pipeline.data.layout import DatasetError
-from pipeline.models.backbone import PretrainedError
+from pipeline.models.pretrained import PretrainedError
 from pipeline.train import TrainingError
 
-USER_ERRORS = (ConfigError, DatasetError, TrainingError, PretrainedError)
+USER_ERRORS = (ConfigError, DatasetError, TrainingError, PretrainedError, DownloadError)
 EXIT_USAGE = 2
 
 ParamsOption = Annotated[
@@ -34,9 +35,16 @@ def stage_params(path: Path, sections: tuple[str, ...]) -> Iterator[StageParams]
     Yields:
         The validated sections.
     """
+    with user_errors():
+        yield load_sections(path, sections)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Configure logging and turn user errors into ``error: ...`` + exit 2 (for commands without params)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        yield load_sections(path, sections)
+        yield
     except USER_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import cams, prepare, train_cls
+from stages import cams, download, prepare, train_cls
 
 app = typer.Typer(
     help="Weakly supervised semantic segmentation: image-level labels -> seeds -> segmentation model.",
@@ -14,6 +14,10 @@ app = typer.Typer(
 STAGES = {"prepare": prepare, "train_cls": train_cls, "cams": cams}
 for _name, _module in STAGES.items():
     app.command(_name)(_module.main)
+# one-off commands that are not DVC stages (the default DAG never downloads)
+COMMANDS = {"download": download.main, "download-weights": download.weights}
+for _name, _function in COMMANDS.items():
+    app.command(_name)(_function)
 
 if __name__ == "__main__":
     app()

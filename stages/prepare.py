@@ -20,7 +20,8 @@ def main(
     """Generate (synthetic) or convert the dataset into images, masks, split lists and labels."""
     with stage_params(params, SECTIONS) as p:
         data = prepare(p.data, p.seed, out)
-        typer.echo(f"prepared {data.root}: " + ", ".join(f"{s}={len(data.split(s))}" for s in ("train", "val")))
+        counts = ", ".join(f"{s}={len(data.split(s))}" for s in ("train", "train_aug", "val"))
+        typer.echo(f"prepared {data.info['dataset']} in {data.root}: {counts}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,19 @@
 
 ```
 data/prepared/
-  classes.json        {"dataset", "names": [background, ...], "palette": [[r, g, b], ...], "image_ext"}
+  classes.json        {"dataset", "names": [background, ...], "palette": [[r, g, b], ...], "image_ext",
+                       "image_root" (optional, default "images")}
   cls_labels.json     {image_id: [class ids present, 1..C]}
   splits/<split>.txt  one image id per line (train, train_aug, val)
-  images/<id><ext>    RGB images
+  images/<id><ext>    RGB images (synthetic data; real datasets reference their raw images, see below)
+  image_files.json    optional {image_id: path relative to image_root}, for images spread over folders
   masks/<id>.png      palette PNG ground truth (0 = background, 255 = ignore); used by metrics only
 ```
+
+Real datasets are large (VOC 2 GB, COCO 20 GB), so their images are *referenced*, not copied:
+``image_root`` is the raw image folder, relative to the prepared directory (or absolute), and an image is
+``image_root/<id><image_ext>``, or ``image_root/image_files[id]`` when ``image_files.json`` exists (COCO keeps
+train and val images in two folders). Masks are always written into the prepared directory.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.io import load_label_png
+from pipeline.io import atomic_path, load_label_png, write_json
 
 SPLITS = ("train", "train_aug", "val")
 
@@ -48,7 +55,7 @@ class PreparedDataset:
             stage: The stage that makes it (named in the error message).
 
         Raises:
-            DatasetError: If the directory or one of its index files is missing.
+            DatasetError: If the directory, one of its index files, or its image folder is missing.
         """
         root = Path(root)
         for name in ("classes.json", "cls_labels.json", "splits"):
@@ -57,7 +64,13 @@ class PreparedDataset:
                     f"prepared data not found: {root / name} is missing (run the '{stage}' stage first: "
                     f"`wsss {stage}` or `dvc repro {stage}`)"
                 )
-        return cls(root)
+        data = cls(root)
+        if not data.image_root.is_dir():
+            raise DatasetError(
+                f"image folder {data.image_root} of the prepared data {root} not found (the raw dataset moved? "
+                f"point data.root at it and run '{stage}' again)"
+            )
+        return data
 
     @cached_property
     def info(self) -> dict:
@@ -96,9 +109,28 @@ class PreparedDataset:
             raise DatasetError(f"split list {path} not found (available: {', '.join(available) or 'none'})")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
+    @cached_property
+    def image_root(self) -> Path:
+        """The folder that holds the images (inside the prepared directory, or the raw dataset's)."""
+        return self.root / self.info.get("image_root", "images")
+
+    @cached_property
+    def image_files(self) -> dict[str, str] | None:
+        """Image paths relative to :attr:`image_root` per image id, if the layout lists them."""
+        path = self.root / "image_files.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def image_path(self, image_id: str) -> Path:
-        """Path of an image file."""
-        return self.root / "images" / f"{image_id}{self.info['image_ext']}"
+        """Path of an image file.
+
+        Raises:
+            DatasetError: If the layout lists image files and ``image_id`` is not among them.
+        """
+        if self.image_files is None:
+            return self.image_root / f"{image_id}{self.info['image_ext']}"
+        if image_id not in self.image_files:
+            raise DatasetError(f"image id {image_id!r} is not in {self.root / 'image_files.json'}")
+        return self.image_root / self.image_files[image_id]
 
     def mask_path(self, image_id: str) -> Path:
         """Path of a ground-truth mask."""
@@ -131,3 +163,43 @@ class PreparedDataset:
         vector = np.zeros(self.num_classes - 1, np.float32)
         vector[np.asarray(self.labels[image_id], dtype=np.int64) - 1] = 1.0
         return vector
+
+
+def write_index(
+    out: Path,
+    dataset: str,
+    names: list[str],
+    palette: list[list[int]] | list[tuple],
+    labels: dict[str, list[int]],
+    splits: dict[str, list[str]],
+    image_ext: str,
+    image_root: str = "images",
+    image_files: dict[str, str] | None = None,
+) -> PreparedDataset:
+    """Write the index files of a prepared dataset whose images and masks are already in place.
+
+    Args:
+        out: The prepared directory.
+        dataset: Dataset name recorded in ``classes.json``.
+        names: Label names, background first.
+        palette: RGB colour per label id.
+        labels: Present foreground class ids per image id.
+        splits: Image ids per split (``train``, ``train_aug``, ``val``).
+        image_ext: Image file extension (with the dot).
+        image_root: Image folder, relative to ``out`` or absolute.
+        image_files: Optional image paths relative to ``image_root`` per image id.
+
+    Returns:
+        The prepared dataset.
+    """
+    for split, ids in splits.items():
+        with atomic_path(out / "splits" / f"{split}.txt") as tmp:
+            tmp.write_text("".join(f"{i}\n" for i in ids))
+    write_json(out / "cls_labels.json", labels)
+    if image_files is not None:
+        write_json(out / "image_files.json", image_files)
+    info = {"dataset": dataset, "names": list(names), "palette": [list(c) for c in palette], "image_ext": image_ext}
+    if image_root != "images":
+        info["image_root"] = image_root
+    write_json(out / "classes.json", info)
+    return PreparedDataset.open(out)

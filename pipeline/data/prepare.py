@@ -9,13 +9,10 @@ from tqdm import tqdm
 
 from pipeline.config import DataParams
 from pipeline.data import synthetic
-from pipeline.data.layout import PreparedDataset
-from pipeline.io import atomic_path, save_image_png, save_label_png, write_json
-
-
-def _write_list(path: Path, ids: list[str]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(f"{i}\n" for i in ids))
+from pipeline.data.coco import prepare_coco
+from pipeline.data.layout import PreparedDataset, write_index
+from pipeline.data.voc import prepare_voc
+from pipeline.io import save_image_png, save_label_png
 
 
 def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDataset:
@@ -53,18 +50,14 @@ def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDatas
             ids.append(image_id)
         lists[split] = ids
     lists["train_aug"] = lists["train"]
-    for split, ids in lists.items():
-        _write_list(out / "splits" / f"{split}.txt", ids)
-    write_json(out / "cls_labels.json", labels)
-    write_json(
-        out / "classes.json",
-        {"dataset": "synthetic", "names": names, "palette": [list(c) for c in palette], "image_ext": ".png"},
-    )
-    return PreparedDataset.open(out)
+    return write_index(out, "synthetic", names, palette, labels, lists, image_ext=".png")
 
 
 def prepare(params: DataParams, seed: int, out: Path | str) -> PreparedDataset:
     """Write the dataset chosen by ``data.dataset`` into ``out`` in the prepared layout.
+
+    ``synthetic`` is generated from ``seed``; ``voc`` and ``coco`` are converted from the raw data in
+    ``data.root`` (see :mod:`pipeline.data.voc` and :mod:`pipeline.data.coco`).
 
     Args:
         params: The ``data`` section.
@@ -73,5 +66,13 @@ def prepare(params: DataParams, seed: int, out: Path | str) -> PreparedDataset:
 
     Returns:
         The prepared dataset.
+
+    Raises:
+        DatasetError: If the raw data of a real dataset is missing or broken (one line naming the file).
     """
-    return prepare_synthetic(params, seed, Path(out))
+    out = Path(out)
+    if params.dataset == "voc":
+        return prepare_voc(params.root, out)
+    if params.dataset == "coco":
+        return prepare_coco(params.root, out)
+    return prepare_synthetic(params, seed, out)

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from pipeline.config import ModelParams
+from pipeline.models.pretrained import PretrainedError, load_pretrained
 
-log = logging.getLogger(__name__)
-
-
-class PretrainedError(ValueError):
-    """Pretrained weights that cannot be loaded; the message is one line for the user."""
+__all__ = ["ConvStemPatchEmbed", "PretrainedError", "SwinBackbone", "build_backbone", "load_pretrained"]
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -77,55 +70,13 @@ class SwinBackbone(nn.Module):
         return [f[..., : -(-h // r), : -(-w // r)] for f, r in zip(feats, self.strides, strict=True)]
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise PretrainedError(f"model.pretrained: weights file {path} not found")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise PretrainedError(f"model.pretrained: cannot read {path} ({type(exc).__name__})") from None
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
-
-
-def load_pretrained(model: nn.Module, path: Path) -> None:
-    """Load backbone weights from a local file, checking names and shapes.
-
-    Args:
-        model: The timm model.
-        path: A ``.safetensors`` or ``.pth`` file (a plain state dict, or one under ``model``/``state_dict``).
-
-    Raises:
-        PretrainedError: If the file is unreadable, shares no tensor with the model, or has wrong shapes.
-    """
-    state = _load_state(path)
-    own = model.state_dict()
-    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if wrong:
-        key = wrong[0]
-        raise PretrainedError(
-            f"model.pretrained: {path}: {len(wrong)} tensors have the wrong shape "
-            f"(first: {key} {tuple(state[key].shape)} vs {tuple(own[key].shape)} in the model)"
-        )
-    missing, _ = model.load_state_dict(state, strict=False)
-    if len(missing) == len(own):
-        raise PretrainedError(f"model.pretrained: {path} has no weights for this backbone")
-    if missing:
-        log.warning(
-            "model.pretrained: %d of %d backbone tensors not in %s (e.g. %s)", len(missing), len(own), path, missing[0]
-        )
-
-
 def build_backbone(params: ModelParams, img_size: int) -> SwinBackbone:
     """Build the Swin backbone described by the ``model`` section.
 
     ``model.backbone: small`` builds the CPU-sized configuration of ``model.swin`` through timm's
     ``SwinTransformer``; any other value is a timm model name (e.g. ``swin_tiny_patch4_window7_224``).
-    ``model.pretrained`` is ``none`` or a local ``.safetensors`` / ``.pth`` file.
+    ``model.pretrained`` is ``none``, a local ``.safetensors`` / ``.pth`` file, or a timm pretrained tag
+    (see :mod:`pipeline.models.pretrained`).
 
     Args:
         params: The ``model`` section.
@@ -161,6 +112,5 @@ def build_backbone(params: ModelParams, img_size: int) -> SwinBackbone:
             strict_img_size=False,
             img_size=img_size,
         )
-    if params.pretrained != "none":
-        load_pretrained(model, Path(params.pretrained))
+    load_pretrained(model, params.pretrained)
     return SwinBackbone(model, final_norm=params.final_norm)

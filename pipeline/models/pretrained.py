@@ -1,0 +1,194 @@
+"""Pretrained weights for any timm-built network: ``none``, a local file, or a timm pretrained tag.
+
+``model.pretrained`` (and any future encoder's equivalent) is resolved by :func:`load_pretrained`:
+
+* ``none``: keep the random initialisation;
+* a path (ends in ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``, contains a ``/``, or exists): a state dict,
+  plain or nested under ``model`` / ``state_dict``, loaded with ``weights_only=True``;
+* anything else: a timm pretrained tag such as ``swin_tiny_patch4_window7_224.ms_in1k``, loaded through timm from
+  the local Hugging Face / torch hub cache, or downloaded where there is network. Without network (or with
+  ``HF_HUB_OFFLINE=1``) an uncached tag fails at once with a message that says how to pass a file instead;
+  reachability is probed with a short TCP connect, so no download hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import timm
+import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+PROBE_TIMEOUT = 3.0
+
+
+class PretrainedError(ValueError):
+    """Pretrained weights that cannot be loaded; the message is one line for the user."""
+
+
+def is_weights_file(spec: str) -> bool:
+    """Whether ``model.pretrained`` names a file (rather than ``none`` or a timm tag)."""
+    return spec.endswith(WEIGHT_SUFFIXES) or "/" in spec or os.sep in spec or Path(spec).is_file()
+
+
+def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.safetensors`` file or a torch checkpoint (``weights_only=True``).
+
+    A checkpoint that nests the weights under ``model`` or ``state_dict`` is unwrapped.
+
+    Raises:
+        PretrainedError: If the file is missing or unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedError(f"model.pretrained: weights file {path} not found")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise PretrainedError(f"model.pretrained: cannot read {path} ({type(exc).__name__})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise PretrainedError(f"model.pretrained: {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load matching tensors of ``state`` into ``model``, checking names and shapes.
+
+    Args:
+        model: The network.
+        state: The weights.
+        source: Where they came from (for messages).
+
+    Raises:
+        PretrainedError: If tensors have the wrong shape or none of them belongs to the model.
+    """
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        key = wrong[0]
+        raise PretrainedError(
+            f"model.pretrained: {source}: {len(wrong)} tensors have the wrong shape "
+            f"(first: {key} {tuple(state[key].shape)} vs {tuple(own[key].shape)} in the model)"
+        )
+    missing, _ = model.load_state_dict(state, strict=False)
+    if len(missing) == len(own):
+        raise PretrainedError(f"model.pretrained: {source} has no weights for this model")
+    if missing:
+        log.warning(
+            "model.pretrained: %d of %d tensors not in %s (e.g. %s)", len(missing), len(own), source, missing[0]
+        )
+
+
+def _offline() -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return flag or bool(hf_constants.HF_HUB_OFFLINE)
+
+
+def _cached_weights(cfg) -> str | None:
+    """A local copy of the tag's weights in the Hugging Face or torch hub cache, if there is one."""
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        names = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HF_WEIGHT_FILES
+        for name in names:
+            found = try_to_load_from_cache(repo, name, revision=revision or None)
+            if isinstance(found, str):
+                return found
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def _reachable(host: str, timeout: float) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _no_network_message(tag: str, reason: str) -> str:
+    return (
+        f"model.pretrained: cannot get timm weights '{tag}' ({reason}); set model.pretrained to a local "
+        f".safetensors/.pth file instead, e.g. made where there is network with `wsss download-weights {tag} "
+        f"--out weights.safetensors`"
+    )
+
+
+def timm_state_dict(tag: str, probe_timeout: float = PROBE_TIMEOUT) -> dict[str, torch.Tensor]:
+    """The backbone weights of a timm pretrained tag (classifier head removed), from cache or downloaded.
+
+    Args:
+        tag: A timm model name with pretrained tag, e.g. ``swin_tiny_patch4_window7_224.ms_in1k``.
+        probe_timeout: Seconds allowed for the reachability probe of the weights' host.
+
+    Returns:
+        The state dict, in timm's naming.
+
+    Raises:
+        PretrainedError: If the tag is unknown, or the weights are not cached and cannot be downloaded.
+    """
+    cfg = timm.models.get_pretrained_cfg(tag)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise PretrainedError(
+            f"model.pretrained: '{tag}' is neither 'none', a weights file, nor a timm pretrained tag "
+            f"(e.g. swin_tiny_patch4_window7_224.ms_in1k; see timm.list_pretrained())"
+        )
+    cached = _cached_weights(cfg)
+    if cached is not None:
+        log.info("model.pretrained: %s from the local cache %s", tag, cached)
+        model = timm.create_model(tag, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": cached})
+        return model.state_dict()
+    if _offline():
+        raise PretrainedError(_no_network_message(tag, "not cached and HF_HUB_OFFLINE is set"))
+    host = urlparse(hf_constants.ENDPOINT if cfg.hf_hub_id else cfg.url).hostname or ""
+    if not _reachable(host, probe_timeout):
+        raise PretrainedError(_no_network_message(tag, f"not cached and {host} is unreachable"))
+    try:
+        model = timm.create_model(tag, pretrained=True, num_classes=0)
+    except Exception as exc:  # noqa: BLE001 - any failed download is the same user error
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise PretrainedError(_no_network_message(tag, f"{type(exc).__name__}: {reason}")) from None
+    return model.state_dict()
+
+
+def load_pretrained(model: nn.Module, spec: str | Path) -> None:
+    """Initialise ``model`` from ``spec``: ``none``, a weights file, or a timm pretrained tag (module docstring).
+
+    Raises:
+        PretrainedError: If the weights cannot be found, read, or do not fit the model.
+    """
+    spec = str(spec)
+    if spec == "none":
+        return
+    if is_weights_file(spec):
+        load_state_into(model, read_state_dict(spec), spec)
+    else:
+        load_state_into(model, timm_state_dict(spec), f"timm weights '{spec}'")
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path | str) -> Path:
+    """Save weights as ``.safetensors`` (contiguous copies; usable as ``model.pretrained``)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(tmp))
+    return path
