@@ -77,46 +77,47 @@ class SwinBackbone(nn.Module):
         return [f[..., : -(-h // r), : -(-w // r)] for f, r in zip(feats, self.strides, strict=True)]
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
+def _load_state(path: Path, setting: str = "model.pretrained") -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise PretrainedError(f"model.pretrained: weights file {path} not found")
+        raise PretrainedError(f"{setting}: weights file {path} not found")
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise PretrainedError(f"model.pretrained: cannot read {path} ({type(exc).__name__})") from None
+        raise PretrainedError(f"{setting}: cannot read {path} ({type(exc).__name__})") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     return state
 
 
-def load_pretrained(model: nn.Module, path: Path) -> None:
+def load_pretrained(model: nn.Module, path: Path, setting: str = "model.pretrained") -> None:
     """Load backbone weights from a local file, checking names and shapes.
 
     Args:
         model: The timm model.
         path: A ``.safetensors`` or ``.pth`` file (a plain state dict, or one under ``model``/``state_dict``).
+        setting: The params key that named the file (used in error messages).
 
     Raises:
         PretrainedError: If the file is unreadable, shares no tensor with the model, or has wrong shapes.
     """
-    state = _load_state(path)
+    state = _load_state(path, setting)
     own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong:
         key = wrong[0]
         raise PretrainedError(
-            f"model.pretrained: {path}: {len(wrong)} tensors have the wrong shape "
+            f"{setting}: {path}: {len(wrong)} tensors have the wrong shape "
             f"(first: {key} {tuple(state[key].shape)} vs {tuple(own[key].shape)} in the model)"
         )
     missing, _ = model.load_state_dict(state, strict=False)
     if len(missing) == len(own):
-        raise PretrainedError(f"model.pretrained: {path} has no weights for this backbone")
+        raise PretrainedError(f"{setting}: {path} has no weights for this backbone")
     if missing:
         log.warning(
-            "model.pretrained: %d of %d backbone tensors not in %s (e.g. %s)", len(missing), len(own), path, missing[0]
+            "%s: %d of %d backbone tensors not in %s (e.g. %s)", setting, len(missing), len(own), path, missing[0]
         )
 
 
