@@ -159,6 +159,123 @@ class CamsParams(Section):
     threads: Annotated[int, Field(ge=0)] = 0
 
 
+class CrfParams(Section):
+    """Dense CRF (pydensecrf) parameters: mean-field iterations and the two pairwise kernels.
+
+    Defaults are the PSA pseudo-label recipe (10 iterations; Gaussian sxy 3 / compat 3; bilateral sxy 80,
+    srgb 13, compat 10), written for ~500 px VOC images. A compat of 0 drops that kernel.
+    """
+
+    iterations: Annotated[int, Field(ge=1, le=100)] = 10
+    gauss_sxy: PositiveFloat = 3.0
+    gauss_compat: Annotated[float, Field(ge=0)] = 3.0
+    bilateral_sxy: PositiveFloat = 80.0
+    bilateral_srgb: PositiveFloat = 13.0
+    bilateral_compat: Annotated[float, Field(ge=0)] = 10.0
+
+
+SeedMapName = Literal["auto", "cam", "rcam"]
+
+
+class AffinityLabelParams(Section):
+    """Confident affinity labels from the seeds: two CRFs with a strong and a weak background score.
+
+    ``mode: constant`` uses the constant background scores ``fg_score`` (high: only confident foreground
+    survives) and ``bg_score`` (low: only confident background survives); ``mode: power`` uses PSA's
+    ``(1 - max_c M_c)^alpha`` with ``fg_alpha`` (small) and ``bg_alpha`` (large).
+    """
+
+    mode: Literal["constant", "power"] = "constant"
+    fg_score: Probability = 0.60
+    bg_score: Probability = 0.30
+    fg_alpha: PositiveFloat = 4.0
+    bg_alpha: PositiveFloat = 32.0
+    crf: CrfParams = CrfParams()
+
+    @model_validator(mode="after")
+    def _order(self) -> AffinityLabelParams:
+        if self.fg_score <= self.bg_score:
+            raise ValueError("fg_score must be larger than bg_score (a strong background keeps confident fg)")
+        if self.fg_alpha >= self.bg_alpha:
+            raise ValueError("fg_alpha must be smaller than bg_alpha (a small power is a strong background)")
+        return self
+
+
+class AffinityNetParams(Section):
+    """The AffinityNet: a timm ``features_only`` backbone, its feature levels and the embedding widths."""
+
+    backbone: str = "regnetx_002"
+    out_indices: tuple[Annotated[int, Field(ge=0, le=5)], ...] = (1, 2, 3)
+    projection_dims: tuple[PositiveInt, ...] = (32, 64, 128)
+    feature_dim: PositiveInt = 128
+    pretrained: str = "none"
+
+    @model_validator(mode="after")
+    def _levels(self) -> AffinityNetParams:
+        if not self.out_indices:
+            raise ValueError("out_indices must name at least one feature level")
+        if len(self.projection_dims) != len(self.out_indices):
+            raise ValueError("projection_dims must have one width per entry of out_indices")
+        return self
+
+
+class TrainAffParams(Section):
+    """AffinityNet training on affinity labels derived from the seeds (``train_aff``)."""
+
+    seed_map: SeedMapName = "auto"
+    labels: AffinityLabelParams = AffinityLabelParams()
+    model: AffinityNetParams = AffinityNetParams()
+    radius: Annotated[int, Field(ge=2, le=16)] = 5
+    epochs: PositiveInt = 5
+    batch_size: PositiveInt = 16
+    lr: PositiveFloat = 1e-3
+    head_lr_mult: PositiveFloat = 10.0
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.5
+    schedule: Literal["cosine", "poly"] = "poly"
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    crop_size: Annotated[int, Field(ge=16)] = 96
+    flip: bool = True
+    label_workers: Annotated[int, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    threads: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TrainAffParams:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError("warmup_epochs must be smaller than epochs")
+        return self
+
+
+class PsaParams(Section):
+    """PSA random-walk inference (``refine.method: psa | psa_crf``)."""
+
+    beta: PositiveFloat = 8.0
+    logt: Annotated[int, Field(ge=0, le=12)] = 6
+
+
+class RefineParams(Section):
+    """Seeds -> pseudo labels (``refine``)."""
+
+    method: Literal["none", "crf", "psa", "psa_crf"] = "crf"
+    seed_map: SeedMapName = "auto"
+    bg_threshold: Probability = 0.45
+    ignore_band: tuple[Probability, Probability] | None = None
+    crf: CrfParams = CrfParams()
+    psa: PsaParams = PsaParams()
+    workers: Annotated[int, Field(ge=0)] = 0
+    gallery_size: Annotated[int, Field(ge=0, le=64)] = 16
+
+    @model_validator(mode="after")
+    def _band(self) -> RefineParams:
+        if self.ignore_band is not None:
+            low, high = self.ignore_band
+            if not low <= self.bg_threshold <= high:
+                raise ValueError("ignore_band must be [low, high] with low <= bg_threshold <= high")
+        return self
+
+
 class Params(Section):
     """The whole ``params.yaml``."""
 
@@ -168,6 +285,8 @@ class Params(Section):
     train_cls: TrainClsParams = TrainClsParams()
     loss: LossParams = LossParams()
     cams: CamsParams = CamsParams()
+    train_aff: TrainAffParams = TrainAffParams()
+    refine: RefineParams = RefineParams()
 
 
 SECTIONS = tuple(Params.model_fields)

@@ -53,3 +53,14 @@ def cam_gallery_row(
             panels.append(blend(image, heatmap(score), 0.6))
     panels.append(colorize(gt, palette))
     return np.concatenate(panels, axis=1)
+
+
+def label_gallery_row(image: np.ndarray, labels: list[np.ndarray], palette: list[list[int]]) -> np.ndarray:
+    """One gallery row: the image followed by label maps (e.g. seed | pseudo label | ground truth), side by side.
+
+    Args:
+        image: (H, W, 3) uint8 image.
+        labels: (H, W) class-id maps; 255 (ignore) is drawn white.
+        palette: Colour per class id.
+    """
+    return np.concatenate([image, *(colorize(label, palette) for label in labels)], axis=1)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from stages import cams, download, prepare, train_cls
+from stages import cams, download, prepare, refine, train_aff, train_cls
 
 app = typer.Typer(
     help="Weakly supervised semantic segmentation: image-level labels -> seeds -> segmentation model.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-STAGES = {"prepare": prepare, "train_cls": train_cls, "cams": cams}
+STAGES = {"prepare": prepare, "train_cls": train_cls, "cams": cams, "train_aff": train_aff, "refine": refine}
 for _name, _module in STAGES.items():
     app.command(_name)(_module.main)
 # one-off commands that are not DVC stages (the default DAG never downloads)

@@ -44,7 +44,7 @@ def is_weights_file(spec: str) -> bool:
     return spec.endswith(WEIGHT_SUFFIXES) or "/" in spec or os.sep in spec or Path(spec).is_file()
 
 
-def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path | str, setting: str = "model.pretrained") -> dict[str, torch.Tensor]:
     """Read a state dict from a ``.safetensors`` file or a torch checkpoint (``weights_only=True``).
 
     A checkpoint that nests the weights under ``model`` or ``state_dict`` is unwrapped.
@@ -54,28 +54,31 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise PretrainedError(f"model.pretrained: weights file {path} not found")
+        raise PretrainedError(f"{setting}: weights file {path} not found")
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise PretrainedError(f"model.pretrained: cannot read {path} ({type(exc).__name__})") from None
+        raise PretrainedError(f"{setting}: cannot read {path} ({type(exc).__name__})") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise PretrainedError(f"model.pretrained: {path} holds a {type(state).__name__}, not a state dict")
+        raise PretrainedError(f"{setting}: {path} holds a {type(state).__name__}, not a state dict")
     return state
 
 
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_state_into(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, setting: str = "model.pretrained"
+) -> None:
     """Load matching tensors of ``state`` into ``model``, checking names and shapes.
 
     Args:
         model: The network.
         state: The weights.
         source: Where they came from (for messages).
+        setting: The params key that named the weights (for messages).
 
     Raises:
         PretrainedError: If tensors have the wrong shape or none of them belongs to the model.
@@ -85,16 +88,14 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
     if wrong:
         key = wrong[0]
         raise PretrainedError(
-            f"model.pretrained: {source}: {len(wrong)} tensors have the wrong shape "
+            f"{setting}: {source}: {len(wrong)} tensors have the wrong shape "
             f"(first: {key} {tuple(state[key].shape)} vs {tuple(own[key].shape)} in the model)"
         )
     missing, _ = model.load_state_dict(state, strict=False)
     if len(missing) == len(own):
-        raise PretrainedError(f"model.pretrained: {source} has no weights for this model")
+        raise PretrainedError(f"{setting}: {source} has no weights for this model")
     if missing:
-        log.warning(
-            "model.pretrained: %d of %d tensors not in %s (e.g. %s)", len(missing), len(own), source, missing[0]
-        )
+        log.warning("%s: %d of %d tensors not in %s (e.g. %s)", setting, len(missing), len(own), source, missing[0])
 
 
 def _offline() -> bool:
@@ -171,7 +172,7 @@ def timm_state_dict(tag: str, probe_timeout: float = PROBE_TIMEOUT) -> dict[str,
     return model.state_dict()
 
 
-def load_pretrained(model: nn.Module, spec: str | Path) -> None:
+def load_pretrained(model: nn.Module, spec: str | Path, setting: str = "model.pretrained") -> None:
     """Initialise ``model`` from ``spec``: ``none``, a weights file, or a timm pretrained tag (module docstring).
 
     Raises:
@@ -181,9 +182,9 @@ def load_pretrained(model: nn.Module, spec: str | Path) -> None:
     if spec == "none":
         return
     if is_weights_file(spec):
-        load_state_into(model, read_state_dict(spec), spec)
+        load_state_into(model, read_state_dict(spec, setting), spec, setting)
     else:
-        load_state_into(model, timm_state_dict(spec), f"timm weights '{spec}'")
+        load_state_into(model, timm_state_dict(spec), f"timm weights '{spec}'", setting)
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path | str) -> Path:

@@ -1,0 +1,234 @@
+"""``refine``: seeds -> one pseudo-label PNG per image, by threshold, dense CRF, PSA random walk, or both.
+
+Per-image work runs in a process pool (one torch thread per worker). Ground truth is read only for the
+metrics: pseudo-label mIoU (pixels labelled 255 are not scored; their share is reported), the mIoU of the
+thresholded seeds they come from, and a gallery.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from dvclive import Live
+from PIL import Image
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from pipeline.config import AffinityNetParams, RefineParams
+from pipeline.data.datasets import normalize
+from pipeline.data.layout import DatasetError, PreparedDataset
+from pipeline.io import IGNORE, read_json, save_label_png
+from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
+from pipeline.models.affinitynet import AffinityNet
+from pipeline.refine.affinity import pair_affinities, radius_offsets
+from pipeline.refine.crf import dense_crf
+from pipeline.refine.parallel import map_ordered, resolve_workers
+from pipeline.refine.random_walk import walk_seed_scores
+from pipeline.refine.seeds import (
+    argmax_labels,
+    choose_seed_map,
+    open_cam_store,
+    threshold_labels,
+    with_constant_background,
+)
+from pipeline.viz import label_gallery_row
+
+log = logging.getLogger(__name__)
+PSA_METHODS = ("psa", "psa_crf")
+
+
+@dataclass
+class AffinityModel:
+    """A trained AffinityNet with what inference needs: pair offsets, grid stride, normalisation."""
+
+    net: AffinityNet
+    offsets: list[tuple[int, int]]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @torch.no_grad()
+    def affinities(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 image -> (D, h, w) pair affinities on the model's grid."""
+        x = normalize(image, self.mean, self.std)[None]  # (1, 3, H, W)
+        return pair_affinities(self.net(x), self.offsets)[0]
+
+
+def load_affinity_model(model_dir: Path | str) -> AffinityModel:
+    """Rebuild the AffinityNet written by ``train_aff`` (on the CPU, in eval mode).
+
+    Raises:
+        DatasetError: If the model files are missing.
+    """
+    model_dir = Path(model_dir)
+    weights, meta_path = model_dir / "model.safetensors", model_dir / "meta.json"
+    for path in (weights, meta_path):
+        if not path.is_file():
+            raise DatasetError(f"affinity model not found: {path} is missing (run the 'train_aff' stage first)")
+    meta = read_json(meta_path)
+    net = AffinityNet(AffinityNetParams.model_validate({**meta["model"], "pretrained": "none"}))
+    net.load_state_dict(load_file(str(weights)))
+    return AffinityModel(net.eval(), radius_offsets(meta["radius"]), tuple(meta["mean"]), tuple(meta["std"]))
+
+
+def pseudo_label(
+    image: np.ndarray, maps: np.ndarray, keys: np.ndarray, params: RefineParams, affinity: AffinityModel | None
+) -> np.ndarray:
+    """The pseudo label of one image by ``params.method``.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        maps: (K, H, W) seed maps (channel 0 background, replaced by ``params.bg_threshold``).
+        keys: (K,) class ids of the channels (background + the image's classes: the CRF's label set).
+        params: The ``refine`` section.
+        affinity: The AffinityNet, for ``psa`` and ``psa_crf``.
+
+    Returns:
+        (H, W) uint8 class ids (255 = ignore, only from ``none`` with an ignore band).
+    """
+    if params.method == "none":
+        return threshold_labels(maps, keys, params.bg_threshold, params.ignore_band)
+    scores = with_constant_background(maps, params.bg_threshold)  # (K, H, W)
+    if params.method in PSA_METHODS:
+        if affinity is None:
+            raise ValueError(f"refine.method={params.method} needs the affinity model")
+        walked = walk_seed_scores(
+            torch.from_numpy(scores),
+            affinity.affinities(image),
+            affinity.offsets,
+            affinity.net.stride,
+            params.psa.beta,
+            2**params.psa.logt,
+        )
+        scores = walked.numpy()
+    if params.method in ("crf", "psa_crf"):
+        scores = dense_crf(image, scores, params.crf)
+    return argmax_labels(scores, keys)
+
+
+_WORKER: dict[str, object] = {}
+
+
+def _init_worker(params: RefineParams, model_dir: str | None) -> None:
+    _WORKER["params"] = params
+    _WORKER["affinity"] = load_affinity_model(model_dir) if model_dir is not None else None
+
+
+def _job(job: tuple) -> np.ndarray:
+    image, maps, keys = job
+    return pseudo_label(image, maps, keys, _WORKER["params"], _WORKER["affinity"])
+
+
+def pseudo_labels(jobs, params: RefineParams, model_dir: Path | None, workers: int):
+    """Pseudo labels for ``(image, maps, keys)`` jobs, in order, computed by ``workers`` processes.
+
+    Args:
+        jobs: Iterable of ``(image, maps, keys)``.
+        params: The ``refine`` section.
+        model_dir: The AffinityNet directory (needed for the PSA methods, else ``None``).
+        workers: Number of processes (1 = in this process).
+
+    Yields:
+        (H, W) uint8 labels per job.
+    """
+    model_arg = str(model_dir) if params.method in PSA_METHODS else None
+    yield from map_ordered(_job, jobs, workers, initializer=_init_worker, initargs=(params, model_arg))
+
+
+class _Scores:
+    """Confusion matrices of pseudo labels and seeds, and the ignored-pixel count."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.pseudo = np.zeros((num_classes, num_classes), np.int64)
+        self.seed = np.zeros_like(self.pseudo)
+        self.ignored = self.pixels = self.images = 0
+
+    def add(self, pseudo: np.ndarray, seed: np.ndarray, gt: np.ndarray) -> None:
+        kept = pseudo != IGNORE
+        self.pseudo += confusion_matrix(pseudo[kept], gt[kept], self.num_classes)
+        self.seed += confusion_matrix(seed, gt, self.num_classes)
+        self.ignored += int((~kept).sum())
+        self.pixels += pseudo.size
+        self.images += 1
+
+    def metrics(self, names: list[str]) -> dict[str, float]:
+        if self.images == 0:
+            return {}
+        out = {"pseudo/miou": mean_iou(self.pseudo), "seed/miou": mean_iou(self.seed)}
+        out["gain_miou"] = out["pseudo/miou"] - out["seed/miou"]
+        out["pseudo/ignored_fraction"] = self.ignored / self.pixels
+        for prefix, matrix in (("pseudo", self.pseudo), ("seed", self.seed)):
+            for name, iou in zip(names, iou_per_class(matrix), strict=True):
+                if not np.isnan(iou):
+                    out[f"{prefix}/iou/{name}"] = float(iou)
+        out["images_scored"] = self.images
+        return out
+
+
+def refine_pseudo_labels(
+    params: RefineParams, data_dir: Path, cams_dir: Path, aff_dir: Path, out_dir: Path, results_dir: Path
+) -> dict[str, float]:
+    """Write ``<out_dir>/<image_id>.png`` for every image of the CAM store, plus metrics and a gallery.
+
+    Args:
+        params: The ``refine`` section.
+        data_dir: Prepared dataset (images, palette; ground truth for the metrics only).
+        cams_dir: CAM store written by ``cams``.
+        aff_dir: AffinityNet written by ``train_aff`` (read only by the PSA methods).
+        out_dir: Output directory of the palette PNGs (255 = ignore).
+        results_dir: dvclive directory (``metrics.json``, gallery).
+
+    Returns:
+        The metrics (pseudo-label and seed mIoU on the images with ground truth, ignored fraction, ...).
+
+    Raises:
+        DatasetError: If an input is missing or the seed map is not in the store.
+    """
+    data = PreparedDataset.open(data_dir)
+    store = open_cam_store(cams_dir)
+    ids = store.ids
+    try:
+        seed_map = choose_seed_map(list(store.load(ids[0])), params.seed_map) if ids else "cam"
+    except ValueError as exc:
+        raise DatasetError(f"{cams_dir}: {exc}") from None
+    model_dir = aff_dir if params.method in PSA_METHODS else None
+    if model_dir is not None:
+        load_affinity_model(model_dir)  # fail early, in this process, with a clear message
+    workers = resolve_workers(params.workers)
+    log.info("refine: method=%s, seed map=%s, %d images, %d worker(s)", params.method, seed_map, len(ids), workers)
+
+    def jobs():
+        for image_id in ids:
+            entry = store.load(image_id)
+            yield data.load_image(image_id), entry[seed_map].astype(np.float32), entry["keys"].astype(np.int64)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live.log_params({"seed_map": seed_map, "workers": workers})
+    scores = _Scores(data.num_classes)
+    bar = tqdm(total=len(ids), desc=f"refine ({params.method})", unit="img", disable=None, mininterval=2)
+    for index, (image_id, label) in enumerate(zip(ids, pseudo_labels(jobs(), params, model_dir, workers), strict=True)):
+        save_label_png(out_dir / f"{image_id}.png", label, data.palette)
+        if data.mask_path(image_id).is_file():
+            entry = store.load(image_id)
+            seed = threshold_labels(entry[seed_map], entry["keys"], params.bg_threshold)
+            gt = data.load_mask(image_id)
+            scores.add(label, seed, gt)
+            if index < params.gallery_size:
+                row = label_gallery_row(data.load_image(image_id), [seed, label, gt], data.palette)
+                live.log_image(f"gallery/{index:02d}_{image_id}.png", Image.fromarray(row))
+        bar.update()
+    bar.close()
+    keep = set(ids)
+    for stale in out_dir.glob("*.png"):
+        if stale.stem not in keep:
+            stale.unlink()
+    metrics = scores.metrics(data.class_names)
+    for name, value in metrics.items():
+        live.log_metric(name, round(float(value), 5), plot=False)
+    live.end()
+    return metrics

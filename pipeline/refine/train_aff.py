@@ -1,0 +1,294 @@
+"""``train_aff``: train the PSA AffinityNet on confident affinity labels derived from the seeds.
+
+The labels come from the CAM store (two CRFs per image, :func:`confident_labels`, computed once in a process
+pool); ground truth is read only to report how good those labels are. Writes ``<model_dir>/model.safetensors``
++ ``meta.json`` (everything ``refine`` needs), dvclive curves in ``<results_dir>`` and, after every epoch, a
+resumable checkpoint (deleted when training completes), like ``train_cls``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from dvclive import Live
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from pipeline import train
+from pipeline.config import StageParams, TrainAffParams
+from pipeline.data.datasets import normalize
+from pipeline.data.layout import PreparedDataset
+from pipeline.io import IGNORE, CamStore, write_json
+from pipeline.models.affinitynet import AffinityNet
+from pipeline.refine.affinity import (
+    affinity_loss,
+    confident_labels,
+    grid_labels,
+    pair_affinities,
+    pair_label_masks,
+    radius_offsets,
+)
+from pipeline.refine.parallel import map_ordered, resolve_workers
+from pipeline.refine.seeds import choose_seed_map, open_cam_store
+
+log = logging.getLogger(__name__)
+GT_EVAL_IMAGES = 64  # images used for the ground-truth affinity check after each epoch
+
+
+def _label_job(job: tuple) -> np.ndarray:
+    image, maps, keys, cfg = job
+    labels = cfg.labels
+    fg, bg = (labels.fg_score, labels.bg_score) if labels.mode == "constant" else (labels.fg_alpha, labels.bg_alpha)
+    return confident_labels(image, maps, keys, labels.crf, fg, bg, labels.mode)
+
+
+def make_affinity_labels(
+    data: PreparedDataset, store: CamStore, ids: list[str], cfg: TrainAffParams
+) -> tuple[list[np.ndarray], str]:
+    """Confident affinity labels for every image, computed in a process pool.
+
+    Returns:
+        ``(labels, seed_map)``: one (H, W) uint8 map per id, and the resolved seed map name.
+    """
+    seed_map = choose_seed_map(list(store.load(ids[0])), cfg.seed_map)
+
+    def jobs():
+        for image_id in ids:
+            entry = store.load(image_id)
+            yield data.load_image(image_id), entry[seed_map].astype(np.float32), entry["keys"], cfg
+
+    workers = resolve_workers(cfg.label_workers)
+    bar = tqdm(total=len(ids), desc="affinity labels", unit="img", disable=None, mininterval=2)
+    labels = []
+    for result in map_ordered(_label_job, jobs(), workers):
+        labels.append(result)
+        bar.update()
+    bar.close()
+    return labels, seed_map
+
+
+def label_quality(data: PreparedDataset, ids: list[str], labels: list[np.ndarray]) -> dict[str, float]:
+    """Coverage (non-ignored fraction) and precision of the affinity labels against ground truth, if any."""
+    labelled = correct = total = 0
+    for image_id, label in zip(ids, labels, strict=True):
+        if not data.mask_path(image_id).is_file():
+            continue
+        gt = data.load_mask(image_id)
+        scored = (label != IGNORE) & (gt != IGNORE)
+        labelled += int(scored.sum())
+        correct += int((label[scored] == gt[scored]).sum())
+        total += int((gt != IGNORE).sum())
+    if total == 0:
+        return {}
+    return {"labels/coverage": labelled / total, "labels/precision": correct / max(labelled, 1)}
+
+
+def _crop(image: np.ndarray, labels: np.ndarray, size: int, flip: bool, rng: np.random.Generator) -> tuple:
+    """A random ``size`` x ``size`` crop (zero image / 255 label padding where the image is smaller), maybe flipped."""
+    h, w = labels.shape
+    out_image = np.zeros((size, size, 3), np.uint8)
+    out_labels = np.full((size, size), IGNORE, np.uint8)
+    sy, sx = int(rng.integers(0, max(h - size, 0) + 1)), int(rng.integers(0, max(w - size, 0) + 1))
+    ty, tx = int(rng.integers(0, max(size - h, 0) + 1)), int(rng.integers(0, max(size - w, 0) + 1))
+    ch, cw = min(h, size), min(w, size)
+    out_image[ty : ty + ch, tx : tx + cw] = image[sy : sy + ch, sx : sx + cw]
+    out_labels[ty : ty + ch, tx : tx + cw] = labels[sy : sy + ch, sx : sx + cw]
+    if flip and rng.random() < 0.5:
+        out_image, out_labels = out_image[:, ::-1], out_labels[:, ::-1]
+    return out_image, out_labels
+
+
+def _pad_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad (H, W) labels with 255 (bottom/right) to (height, width)."""
+    out = np.full((height, width), IGNORE, np.uint8)
+    out[: labels.shape[0], : labels.shape[1]] = labels
+    return out
+
+
+def _grid_targets(model: AffinityNet, labels: list[np.ndarray]) -> torch.Tensor:
+    """Same-size (H, W) label maps -> (B, h, w) int64 pure-cell labels on the model's grid."""
+    h, w = model.grid_size(*labels[0].shape)
+    s = model.stride
+    return torch.from_numpy(np.stack([grid_labels(_pad_labels(y, h * s, w * s), s) for y in labels])).long()
+
+
+@torch.no_grad()
+def ground_truth_affinity(
+    model: AffinityNet, data: PreparedDataset, ids: list[str], radius: int, mean, std, device: torch.device
+) -> dict[str, float]:
+    """Mean predicted affinity of pairs that ground truth calls same-label vs different-label (a sanity check)."""
+    offsets = radius_offsets(radius)
+    sums = {"bg": 0.0, "fg": 0.0, "neg": 0.0}
+    counts = dict.fromkeys(sums, 0)
+    model.eval()
+    for image_id in ids:
+        gt = data.load_mask(image_id)
+        x = normalize(data.load_image(image_id), mean, std)[None].to(device)  # (1, 3, H, W)
+        affinity = pair_affinities(model(x).float(), offsets)  # (1, D, h, w)
+        masks = pair_label_masks(_grid_targets(model, [gt]).to(device), offsets)
+        for name, mask in masks.items():
+            sums[name] += float(affinity[mask].sum())
+            counts[name] += int(mask.sum())
+    model.train()
+    return {f"gt/affinity_{name}": sums[name] / counts[name] for name in sums if counts[name]}
+
+
+def _save_model(model: AffinityNet, params: StageParams, seed_map: str, model_dir: Path) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = model_dir / ".model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(model_dir / "model.safetensors")
+    write_json(
+        model_dir / "meta.json",
+        {
+            "model": params.train_aff.model.model_dump(mode="json"),
+            "radius": params.train_aff.radius,
+            "stride": model.stride,
+            "seed_map": seed_map,
+            "mean": list(params.data.mean),
+            "std": list(params.data.std),
+        },
+    )
+
+
+def train_affinity_net(
+    params: StageParams, data_dir: Path, cams_dir: Path, model_dir: Path, results_dir: Path, checkpoint: Path
+) -> dict[str, float]:
+    """Derive affinity labels from the seeds and train the AffinityNet on them.
+
+    Args:
+        params: Sections ``seed``, ``data``, ``train_aff``.
+        data_dir: Prepared dataset.
+        cams_dir: CAM store written by ``cams``.
+        model_dir: Where ``model.safetensors`` + ``meta.json`` go.
+        results_dir: dvclive directory.
+        checkpoint: Resumable checkpoint path.
+
+    Returns:
+        The final metrics (losses of the last epoch, label quality, ground-truth affinity check).
+
+    Raises:
+        DatasetError: If the inputs are missing.
+        TrainingError: On a non-finite loss or too few images for one batch.
+    """
+    cfg = params.train_aff
+    data = PreparedDataset.open(data_dir)
+    store = open_cam_store(cams_dir)
+    ids = store.ids
+    if len(ids) < cfg.batch_size:
+        raise train.TrainingError(f"train_aff.batch_size={cfg.batch_size} exceeds the {len(ids)} images in {cams_dir}")
+    device = train.resolve_device(cfg.device)
+    train.set_threads(cfg.threads)
+    train.seed_everything(params.seed)
+    mean, std = tuple(params.data.mean), tuple(params.data.std)
+    model = AffinityNet(cfg.model).to(device)
+    offsets = radius_offsets(cfg.radius)
+    optimizer = torch.optim.AdamW(
+        train.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+    )
+    steps_per_epoch = len(ids) // cfg.batch_size
+    total_steps, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: train.warmup_decay(s, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
+    )
+    scaler = train.make_scaler(device, cfg.amp)
+
+    digest = params.digest()
+    state = train.load_checkpoint(checkpoint)
+    if state is not None and state["config_digest"] != digest:
+        log.warning("checkpoint %s was made with another configuration; starting fresh", checkpoint)
+        state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        train.set_rng_state(state["rng"])
+        labels, seed_map = [t.numpy() for t in state["labels"]], state["seed_map"]
+        start_epoch, history = state["epoch"], list(state["history"])
+        log.info("resuming from %s at epoch %d", checkpoint, start_epoch)
+    else:
+        labels, seed_map = make_affinity_labels(data, store, ids, cfg)
+        start_epoch, history = 0, []
+    quality = label_quality(data, ids, labels)
+    gt_ids = [i for i in ids if data.mask_path(i).is_file()][:GT_EVAL_IMAGES]
+
+    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live.log_params({"device": str(device), "seed_map": seed_map, "resumed_at_epoch": start_epoch})
+    for name, value in quality.items():
+        live.log_metric(name, round(value, 5), plot=False)
+    for record in history:
+        _log_epoch(live, record)
+
+    model.train()
+    step = start_epoch * steps_per_epoch
+    ddp = train.Dist()
+    for epoch in range(start_epoch, cfg.epochs):
+        sums: dict[str, float] = {}
+        started = time.perf_counter()
+        batches = list(train.epoch_indices(len(ids), params.seed, epoch, ddp, cfg.batch_size))
+        bar = tqdm(batches, desc=f"train_aff epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=None, mininterval=2)
+        for batch in bar:
+            crops = [
+                _crop(
+                    data.load_image(ids[i]),
+                    labels[i],
+                    cfg.crop_size,
+                    cfg.flip,
+                    np.random.default_rng([params.seed, epoch, i]),
+                )
+                for i in batch
+            ]
+            images = torch.stack([normalize(np.ascontiguousarray(c[0]), mean, std) for c in crops]).to(device)
+            masks = pair_label_masks(_grid_targets(model, [c[1] for c in crops]).to(device), offsets)
+            with train.autocast(device, cfg.amp):
+                features = model(images)  # (B, F, h, w)
+            terms = affinity_loss(pair_affinities(features.float(), offsets), masks)
+            train.check_finite(terms["total"], step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["total"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+            bar.set_postfix(loss=f"{terms['total'].item():.3f}", refresh=False)
+        record = {f"train/loss_{k}": v / len(batches) for k, v in sums.items()}
+        record["train/lr"] = optimizer.param_groups[0]["lr"]
+        record["train/images_per_s"] = len(batches) * cfg.batch_size / (time.perf_counter() - started)
+        record.update(ground_truth_affinity(model, data, gt_ids, cfg.radius, mean, std, device))
+        history.append(record)
+        _log_epoch(live, record)
+        log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
+        train.save_checkpoint(
+            checkpoint,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": train.rng_state(),
+                "epoch": epoch + 1,
+                "config_digest": digest,
+                "history": history,
+                "labels": [torch.from_numpy(y) for y in labels],
+                "seed_map": seed_map,
+            },
+        )
+
+    _save_model(model, params, seed_map, model_dir)
+    live.end()
+    checkpoint.unlink(missing_ok=True)
+    return {**quality, **(history[-1] if history else {})}
+
+
+def _log_epoch(live: Live, record: dict[str, float]) -> None:
+    for name, value in record.items():
+        live.log_metric(name, value)
+    live.next_step()

@@ -1,0 +1,33 @@
+"""``wsss train_aff``: train the PSA AffinityNet on affinity labels derived from the seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.refine.train_aff import train_affinity_net
+from stages._common import ParamsOption, stage_params
+
+SECTIONS = ("seed", "data", "train_aff")
+
+
+def main(
+    params: ParamsOption = Path("params.yaml"),
+    data: Annotated[Path, typer.Option(help="Prepared dataset (made by 'prepare').")] = Path("data/prepared"),
+    cams: Annotated[Path, typer.Option(help="CAM store (made by 'cams').")] = Path("data/cams"),
+    model_dir: Annotated[Path, typer.Option(help="Where the weights and meta.json go.")] = Path("models/aff"),
+    results: Annotated[Path, typer.Option(help="dvclive directory (metrics, curves).")] = Path("results/train_aff"),
+    checkpoint: Annotated[Path, typer.Option(help="Resumable checkpoint (deleted when training completes).")] = Path(
+        "checkpoints/train_aff.pt"
+    ),
+) -> None:
+    """Derive confident affinity labels from the seeds (two CRFs) and train the AffinityNet on them."""
+    with stage_params(params, SECTIONS) as p:
+        metrics = train_affinity_net(p, data, cams, model_dir, results, checkpoint)
+        typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    typer.run(main)

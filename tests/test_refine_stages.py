@@ -1,0 +1,194 @@
+"""``wsss train_aff`` and ``wsss refine`` by hand on a tiny prepared dataset + CAM store; train_aff resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_params_dict, write_params
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pipeline.config import StageParams, load_params
+from pipeline.io import load_label_png
+from pipeline.refine import train_aff
+from stages.cli import app
+
+REFINE_TINY = {
+    "train_aff": {
+        "labels": {"crf": {"iterations": 2, "bilateral_sxy": 10}},
+        "model": {"out_indices": [1, 2], "projection_dims": [4, 8], "feature_dim": 8},
+        "radius": 3,
+        "epochs": 2,
+        "batch_size": 4,
+        "warmup_epochs": 0.5,
+        "crop_size": 32,
+        "label_workers": 1,
+        "device": "cpu",
+        "threads": 1,
+    },
+    "refine": {
+        "method": "psa_crf",
+        "crf": {"iterations": 2, "bilateral_sxy": 10},
+        "psa": {"logt": 3},
+        "workers": 2,
+        "gallery_size": 2,
+    },
+}
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+def aff_args(root: Path, params: Path) -> list:
+    return [
+        "--params", params, "--data", root / "prepared", "--cams", root / "cams", "--model-dir", root / "aff",
+        "--results", root / "results/train_aff", "--checkpoint", root / "aff.pt",
+    ]  # fmt: skip
+
+
+def refine_args(root: Path, params: Path, out: str = "pseudo") -> list:
+    return [
+        "--params", params, "--data", root / "prepared", "--cams", root / "cams", "--aff-dir", root / "aff",
+        "--out", root / out, "--results", root / f"results/{out}",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """prepare -> train_cls -> cams -> train_aff -> refine on tiny params; returns the output root."""
+    root = tmp_path_factory.mktemp("refine")
+    params = write_params(root / "params.yaml", tiny_params_dict(**REFINE_TINY))
+    upstream = {
+        "prepare": ["--out", root / "prepared"],
+        "train_cls": ["--data", root / "prepared", "--model-dir", root / "cls", "--results", root / "results/cls",
+                      "--checkpoint", root / "cls.pt"],
+        "cams": ["--data", root / "prepared", "--model-dir", root / "cls", "--out", root / "cams",
+                 "--results", root / "results/cams"],
+    }  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # keep dvclive away from the repository's DVC workspace
+        for stage, args in upstream.items():
+            result = invoke(stage, "--params", params, *args)
+            assert result.exit_code == 0, f"wsss {stage} failed:\n{result.output}\n{result.exception!r}"
+        for stage, args in (("train_aff", aff_args(root, params)), ("refine", refine_args(root, params))):
+            result = invoke(stage, *args)
+            assert result.exit_code == 0, f"wsss {stage} failed:\n{result.output}\n{result.exception!r}"
+    return root
+
+
+def test_train_aff_artifacts(tiny_run):
+    meta = json.loads((tiny_run / "aff/meta.json").read_text())
+    assert meta["radius"] == 3 and meta["stride"] == 4 and meta["seed_map"] == "rcam"
+    assert meta["model"]["out_indices"] == [1, 2]
+    assert load_file(tiny_run / "aff/model.safetensors")
+    metrics = json.loads((tiny_run / "results/train_aff/metrics.json").read_text())
+    assert 0 < metrics["labels"]["coverage"] <= 1 and 0 <= metrics["labels"]["precision"] <= 1
+    assert np.isfinite(metrics["train"]["loss_total"])
+    rows = (tiny_run / "results/train_aff/plots/metrics/train/loss_total.tsv").read_text().splitlines()
+    assert len(rows) == 1 + 2, "one header + one row per epoch"
+    assert not (tiny_run / "aff.pt").exists(), "the checkpoint is deleted once training completes"
+
+
+def test_refine_writes_one_label_per_image_with_the_image_classes(tiny_run):
+    ids = json.loads((tiny_run / "cams/index.json").read_text())["images"]
+    labels = json.loads((tiny_run / "prepared/cls_labels.json").read_text())
+    pngs = sorted((tiny_run / "pseudo").glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(ids)
+    for png in pngs:
+        label = load_label_png(png)
+        assert label.shape == (32, 32)
+        assert set(np.unique(label)) <= {0, *labels[png.stem]}, png.name
+
+
+def test_refine_metrics_and_gallery(tiny_run):
+    metrics = json.loads((tiny_run / "results/pseudo/metrics.json").read_text())
+    assert 0 <= metrics["pseudo"]["miou"] <= 1 and 0 <= metrics["seed"]["miou"] <= 1
+    assert metrics["gain_miou"] == pytest.approx(metrics["pseudo"]["miou"] - metrics["seed"]["miou"], abs=2e-5)
+    assert metrics["pseudo"]["ignored_fraction"] == 0, "psa_crf labels every pixel"
+    assert metrics["images_scored"] == 16
+    assert "background" in metrics["pseudo"]["iou"] and "background" in metrics["seed"]["iou"]
+    gallery = sorted((tiny_run / "results/pseudo/plots/images").rglob("*.png"))
+    assert len(gallery) == 2
+
+
+def test_refine_none_with_ignore_band_needs_no_affinity_model(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_params_dict(**REFINE_TINY)
+    raw["refine"].update({"method": "none", "bg_threshold": 0.45, "ignore_band": [0.2, 0.7], "workers": 1})
+    params = write_params(tmp_path / "params.yaml", raw)
+    args = refine_args(tiny_run, params, out="none")
+    args[args.index("--aff-dir") + 1] = tmp_path / "missing"
+    result = invoke("refine", *args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tiny_run / "results/none/metrics.json").read_text())
+    assert 0 < metrics["pseudo"]["ignored_fraction"] < 1
+    assert any((load_label_png(p) == 255).any() for p in (tiny_run / "none").glob("*.png"))
+
+
+def test_refine_psa_without_affinity_model_names_train_aff(tiny_run, tmp_path):
+    params = write_params(tmp_path / "params.yaml", tiny_params_dict(**REFINE_TINY))
+    args = refine_args(tiny_run, params, out="x")
+    args[args.index("--aff-dir") + 1] = tmp_path / "missing"
+    line = one_error_line(invoke("refine", *args))
+    assert "'train_aff'" in line and str(tmp_path / "missing") in line
+
+
+@pytest.mark.parametrize("stage", ["train_aff", "refine"])
+def test_missing_cams_name_the_cams_stage(tiny_run, tmp_path, stage):
+    params = write_params(tmp_path / "params.yaml", tiny_params_dict(**REFINE_TINY))
+    args = aff_args(tiny_run, params) if stage == "train_aff" else refine_args(tiny_run, params, out="x")
+    args[args.index("--cams") + 1] = tmp_path / "no_cams"
+    line = one_error_line(invoke(stage, *args))
+    assert "'cams'" in line and str(tmp_path / "no_cams") in line
+
+
+def test_bad_refine_params_exit_2(tiny_run, tmp_path):
+    raw = tiny_params_dict(**REFINE_TINY)
+    raw["refine"]["method"] = "magic"
+    params = write_params(tmp_path / "params.yaml", raw)
+    line = one_error_line(invoke("refine", *refine_args(tiny_run, params, out="x")))
+    assert "refine.method" in line and str(params) in line
+
+
+def test_train_aff_resumes_to_the_same_weights(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params_path = write_params(tmp_path / "params.yaml", tiny_params_dict(**REFINE_TINY))
+    params = StageParams(load_params(params_path), ("seed", "data", "train_aff"))
+    inputs = (tiny_run / "prepared", tiny_run / "cams")
+
+    def run(name: str):
+        return train_aff.train_affinity_net(
+            params, *inputs, tmp_path / name, tmp_path / f"res_{name}", tmp_path / "ck.pt"
+        )
+
+    run("straight")
+    save = train_aff.train.save_checkpoint
+
+    def save_then_die(path, state):
+        save(path, state)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(train_aff.train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    assert (tmp_path / "ck.pt").is_file()
+    monkeypatch.setattr(train_aff.train, "save_checkpoint", save)
+    run("resumed")
+    straight, resumed = (
+        load_file(tmp_path / "straight/model.safetensors"),
+        load_file(tmp_path / "resumed/model.safetensors"),
+    )
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert (straight[key] == resumed[key]).all(), key
