@@ -13,9 +13,10 @@ import typer
 from pipeline.config import ConfigError, StageParams, load_sections
 from pipeline.data.layout import DatasetError
 from pipeline.models.backbone import PretrainedError
+from pipeline.seg import SegModelError
 from pipeline.train import TrainingError
 
-USER_ERRORS = (ConfigError, DatasetError, TrainingError, PretrainedError)
+USER_ERRORS = (ConfigError, DatasetError, TrainingError, PretrainedError, SegModelError)
 EXIT_USAGE = 2
 
 ParamsOption = Annotated[
