@@ -144,8 +144,9 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SegModelError(f"train_seg.encoder_weights: {path} is not a state dict of tensors")
-    if state and all(k.startswith("encoder.") for k in state):
-        state = {k.removeprefix("encoder."): v for k, v in state.items()}
+    smp_parts = ("encoder.", "decoder.", "segmentation_head.", "classification_head.")
+    if any(k.startswith("encoder.") for k in state) and all(k.startswith(smp_parts) for k in state):
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     return state
 
 
