@@ -155,6 +155,19 @@ class CamsParams(Section):
     threads: Annotated[int, Field(ge=0)] = 0
 
 
+class CrfParams(Section):
+    """Dense CRF (pydensecrf) parameters: mean-field iterations and the two pairwise kernels.
+
+    Defaults are the PSA pseudo-label recipe (10 iterations; Gaussian sxy 3 / compat 3; bilateral sxy 80,
+    srgb 13, compat 10), written for ~500 px VOC images. A compat of 0 drops that kernel.
+    """
+
+    iterations: Annotated[int, Field(ge=1, le=100)] = 10
+    gauss_sxy: PositiveFloat = 3.0
+    gauss_compat: Annotated[float, Field(ge=0)] = 3.0
+    bilateral_sxy: PositiveFloat = 80.0
+    bilateral_srgb: PositiveFloat = 13.0
+    bilateral_compat: Annotated[float, Field(ge=0)] = 10.0
 class TrainSegParams(Section):
     """DeepLab training on pseudo labels (``train_seg``), built through segmentation-models-pytorch."""
 

@@ -1,0 +1,1 @@
+"""Seeds -> pseudo labels: dense CRF, PSA (AffinityNet + random walk) and the plain threshold."""
