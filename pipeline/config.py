@@ -168,6 +168,8 @@ class CrfParams(Section):
     bilateral_sxy: PositiveFloat = 80.0
     bilateral_srgb: PositiveFloat = 13.0
     bilateral_compat: Annotated[float, Field(ge=0)] = 10.0
+
+
 class TrainSegParams(Section):
     """DeepLab training on pseudo labels (``train_seg``), built through segmentation-models-pytorch."""
 
@@ -207,13 +209,23 @@ class TrainSegParams(Section):
 
 
 class EvaluateParams(Section):
-    """Evaluation of the segmentation model (``evaluate``): single-scale, multi-scale + flip, and CRF."""
+    """Evaluation of the segmentation model (``evaluate``): single-scale, multi-scale + flip, and CRF.
+
+    The CRF runs on the multi-scale + flip probabilities of all classes (no image labels at test time); its
+    defaults are AFA's test-time values for DeepLab-V3+ (Gaussian 3/3, bilateral 64/5/4, 10 iterations).
+    ``crf_workers`` > 0 runs it in that many worker processes.
+    """
 
     split: Literal["val", "train"] = "val"
     scales: tuple[PositiveFloat, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
     flip: bool = True
     batch_size: PositiveInt = 8
     gallery_size: Annotated[int, Field(ge=0, le=64)] = 16
+    use_crf: bool = True
+    crf: CrfParams = CrfParams(
+        gauss_sxy=3.0, gauss_compat=3.0, bilateral_sxy=64.0, bilateral_srgb=5.0, bilateral_compat=4.0
+    )
+    crf_workers: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     threads: Annotated[int, Field(ge=0)] = 0

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 from pipeline import evaluate as evaluate_module
 from pipeline import train
-from pipeline.config import EvaluateParams, Params, load_sections
+from pipeline.config import CrfParams, EvaluateParams, Params, load_sections
 from pipeline.data.layout import PreparedDataset
 from pipeline.data.prepare import prepare
-from pipeline.evaluate import evaluate_segmenter
+from pipeline.evaluate import CrfPool, evaluate_segmenter
 from pipeline.io import IGNORE, save_label_png, write_json
 from pipeline.seg import build_segmenter, save_segmenter
 from pipeline.train_seg import train_segmenter
@@ -203,18 +203,43 @@ def test_evaluate_metrics_on_a_constructed_case(tmp_path, monkeypatch):
     data = _constructed_dataset(tmp_path / "prepared")
     meta = {"mean": [0, 0, 0], "std": [1, 1, 1], "class_names": data.class_names, "palette": data.palette}
     monkeypatch.setattr(evaluate_module, "load_segmenter", lambda model_dir, device: (RedChannelModel(3), meta))
-    params = EvaluateParams(scales=(1.0,), flip=True, device="cpu", gallery_size=1)
+    # a CRF too weak to move any label: its confusion matrix must equal the multi-scale one
+    weak_crf = CrfParams(gauss_compat=0, bilateral_compat=1e-3)
+    params = EvaluateParams(scales=(1.0,), flip=True, device="cpu", gallery_size=1, crf=weak_crf)
     metrics = evaluate_segmenter(params, data.root, tmp_path / "model", tmp_path / "results")
     # background: TP 16, GT 16, predicted 24 -> 2/3; class a: TP 7, GT 15 (one ignored), predicted 7 -> 7/15;
     # class b is in neither GT nor prediction -> left out of the mean
     expected = {"background": 2 / 3, "a": 7 / 15}
-    for mode in ("single_scale", "multi_scale"):
+    for mode in ("single_scale", "multi_scale", "crf"):
         assert metrics[f"{mode}/miou"] == pytest.approx(np.mean(list(expected.values())))
         assert metrics[f"{mode}/iou/background"] == pytest.approx(expected["background"])
         assert metrics[f"{mode}/iou/a"] == pytest.approx(expected["a"])
         assert f"{mode}/iou/b" not in metrics
-    confusion = json.loads((tmp_path / "results" / "confusion.json").read_text())["multi_scale"]
-    assert confusion == [[16, 0, 0], [8, 7, 0], [0, 0, 0]]
+    confusion = json.loads((tmp_path / "results" / "confusion.json").read_text())
+    assert confusion["multi_scale"] == confusion["crf"] == [[16, 0, 0], [8, 7, 0], [0, 0, 0]]
+    gallery = list((tmp_path / "results" / "plots" / "images" / "gallery").glob("*.png"))
+    assert len(gallery) == 1 and Image.open(gallery[0]).size == (5 * 4, 4), "image | single | multi | CRF | GT"
+
+
+def test_crf_in_worker_processes_matches_the_serial_crf():
+    rng = np.random.default_rng(0)
+    params = CrfParams(bilateral_sxy=10, bilateral_srgb=20)
+    jobs = [
+        (
+            f"i{n}",
+            rng.integers(0, 255, (12, 10, 3), dtype=np.uint8),
+            rng.dirichlet(np.ones(3), (12, 10)).transpose(2, 0, 1).astype(np.float32),  # (K, H, W)
+        )
+        for n in range(5)
+    ]
+    results = {}
+    for workers in (0, 2):
+        pool = CrfPool(params, workers)
+        done = [item for job in jobs for item in pool.submit(*job)] + pool.finish()
+        results[workers] = done
+    assert [key for key, _ in results[2]] == [key for key, *_ in jobs], "results come back in submission order"
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(results[0], results[2], strict=True))
+    assert all(label.shape == (12, 10) and label.dtype == np.uint8 for _, label in results[0])
 
 
 def test_evaluate_rejects_a_model_of_other_classes(tmp_path, monkeypatch):
