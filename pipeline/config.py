@@ -276,6 +276,67 @@ class RefineParams(Section):
         return self
 
 
+class TrainSegParams(Section):
+    """DeepLab training on pseudo labels (``train_seg``), built through segmentation-models-pytorch."""
+
+    arch: Literal["deeplabv3plus", "deeplabv3"] = "deeplabv3plus"
+    encoder: str = "resnet18"
+    encoder_weights: str = "none"
+    output_stride: Literal[8, 16] = 16
+    decoder_channels: PositiveInt = 256
+    split: Literal["train", "train_aug"] = "train"
+    epochs: PositiveInt = 12
+    batch_size: Annotated[int, Field(ge=2)] = 16
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: PositiveFloat = 1e-3
+    head_lr_mult: PositiveFloat = 1.0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
+    schedule: Literal["poly", "cosine"] = "poly"
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    grad_clip: Annotated[float, Field(ge=0)] = 0.0
+    crop_size: Annotated[int, Field(ge=16)] = 96
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 2.0)
+    flip: bool = True
+    val_every: Annotated[int, Field(ge=0)] = 1
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    threads: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TrainSegParams:
+        if self.scale_range[0] > self.scale_range[1]:
+            raise ValueError("scale_range must be [min, max] with min <= max")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError("warmup_epochs must be smaller than epochs")
+        return self
+
+
+class EvaluateParams(Section):
+    """Evaluation of the segmentation model (``evaluate``): single-scale, multi-scale + flip, and CRF.
+
+    The CRF runs on the multi-scale + flip probabilities of all classes (no image labels at test time); its
+    defaults are AFA's test-time values for DeepLab-V3+ (Gaussian 3/3, bilateral 64/5/4, 10 iterations).
+    ``crf_workers`` > 0 runs it in that many worker processes.
+    """
+
+    split: Literal["val", "train"] = "val"
+    scales: tuple[PositiveFloat, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    flip: bool = True
+    batch_size: PositiveInt = 8
+    gallery_size: Annotated[int, Field(ge=0, le=64)] = 16
+    use_crf: bool = True
+    crf: CrfParams = CrfParams(
+        gauss_sxy=3.0, gauss_compat=3.0, bilateral_sxy=64.0, bilateral_srgb=5.0, bilateral_compat=4.0
+    )
+    crf_workers: Annotated[int, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    threads: Annotated[int, Field(ge=0)] = 0
+
+
 class Params(Section):
     """The whole ``params.yaml``."""
 
@@ -287,6 +348,8 @@ class Params(Section):
     cams: CamsParams = CamsParams()
     train_aff: TrainAffParams = TrainAffParams()
     refine: RefineParams = RefineParams()
+    train_seg: TrainSegParams = TrainSegParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
 
 SECTIONS = tuple(Params.model_fields)

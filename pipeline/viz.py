@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.io import IGNORE
 
@@ -64,3 +65,44 @@ def label_gallery_row(image: np.ndarray, labels: list[np.ndarray], palette: list
         palette: Colour per class id.
     """
     return np.concatenate([image, *(colorize(label, palette) for label in labels)], axis=1)
+
+
+def overlay(image: np.ndarray, label: np.ndarray, palette: list[list[int]], alpha: float = 0.5) -> np.ndarray:
+    """Blend a (H, W) label map's colours into a (H, W, 3) uint8 image; background (0) and 255 stay unblended."""
+    coloured = blend(image, colorize(label, palette), alpha)
+    keep = (label == 0) | (label == IGNORE)
+    return np.where(keep[..., None], image, coloured)
+
+
+def confusion_image(confusion: np.ndarray, names: list[str], cell: int = 40) -> np.ndarray:
+    """Draw a row-normalised confusion matrix (rows = ground truth, columns = prediction) as an RGB image.
+
+    Args:
+        confusion: (K, K) counts.
+        names: K class names.
+        cell: Side of one cell in pixels.
+
+    Returns:
+        (H, W, 3) uint8 picture with class names, cell percentages and a blue-to-red colour scale.
+    """
+    rows = confusion.sum(1, keepdims=True)
+    share = np.divide(confusion, np.maximum(rows, 1), dtype=np.float64)  # (K, K), each row sums to 1
+    font = ImageFont.load_default()
+    k = len(names)
+    margin = 8 + max(int(font.getlength(name)) for name in names)
+    grid = np.kron(heatmap(share), np.ones((cell, cell, 1), np.uint8))  # (K*cell, K*cell, 3)
+    canvas = Image.new("RGB", (margin + k * cell + 8, margin + k * cell + 24), "white")
+    canvas.paste(Image.fromarray(grid), (margin, margin))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(names):
+        draw.text((4, margin + i * cell + cell // 2), name, fill="black", anchor="lm", font=font)
+        column = Image.new("RGB", (margin, cell), "white")
+        ImageDraw.Draw(column).text((margin - 4, cell // 2), name, fill="black", anchor="rm", font=font)
+        canvas.paste(column.rotate(90, expand=True), (margin + i * cell, 0))
+        for j in range(k):
+            text = f"{100 * share[i, j]:.0f}"
+            colour = "white" if share[i, j] < 0.3 or share[i, j] > 0.85 else "black"
+            center = (margin + j * cell + cell // 2, margin + i * cell + cell // 2)
+            draw.text(center, text, fill=colour, anchor="mm", font=font)
+    draw.text((margin, margin + k * cell + 6), "rows: ground truth, columns: prediction, % of row", fill="black")
+    return np.asarray(canvas)

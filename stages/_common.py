@@ -14,9 +14,10 @@ from pipeline.config import ConfigError, StageParams, load_sections
 from pipeline.data.download import DownloadError
 from pipeline.data.layout import DatasetError
 from pipeline.models.pretrained import PretrainedError
+from pipeline.seg import SegModelError
 from pipeline.train import TrainingError
 
-USER_ERRORS = (ConfigError, DatasetError, TrainingError, PretrainedError, DownloadError)
+USER_ERRORS = (ConfigError, DatasetError, TrainingError, PretrainedError, DownloadError, SegModelError)
 EXIT_USAGE = 2
 
 ParamsOption = Annotated[

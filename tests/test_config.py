@@ -37,7 +37,18 @@ def test_defaults_validate():
     params = parse_params({})
     assert params == Params()
     assert parse_params(None) == Params()
-    assert SECTIONS == ("seed", "data", "model", "train_cls", "loss", "cams", "train_aff", "refine")
+    assert SECTIONS == (
+        "seed",
+        "data",
+        "model",
+        "train_cls",
+        "loss",
+        "cams",
+        "train_aff",
+        "refine",
+        "train_seg",
+        "evaluate",
+    )
 
 
 def test_repo_params_file_validates():
@@ -58,7 +69,7 @@ def test_unknown_top_level_key(tmp_path):
     path = write_params(tmp_path, {"bogus": 1})
     message = config_error(path)
     assert "'bogus'" in message
-    assert "cams, data, loss, model, refine, seed, train_aff, train_cls" in message
+    assert "cams, data, evaluate, loss, model, refine, seed, train_aff, train_cls, train_seg" in message
 
 
 def test_unknown_nested_key(tmp_path):

@@ -1,0 +1,182 @@
+"""``evaluate``: mIoU of the segmentation model, single-scale, multi-scale + flip, and with CRF post-processing.
+
+VOC protocol: one confusion matrix over background + C classes for the whole split, ground-truth 255 ignored,
+IoU per class and their mean (:mod:`pipeline.metrics`). Writes ``<results>/metrics.json`` (dvclive), the
+confusion matrices (``confusion.json`` and a picture per mode) and a gallery (image | single-scale |
+multi-scale | CRF | ground truth).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from dvclive import Live
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import train
+from pipeline.config import CrfParams, EvaluateParams
+from pipeline.data.datasets import normalize
+from pipeline.data.layout import DatasetError, PreparedDataset
+from pipeline.data.seg_datasets import same_size_batches
+from pipeline.io import write_json
+from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
+from pipeline.refine.crf import dense_crf
+from pipeline.seg import load_segmenter, predict_probs
+from pipeline.viz import confusion_image, label_gallery_row
+
+log = logging.getLogger(__name__)
+
+
+class ConfusionSet:
+    """One confusion matrix per evaluation mode (e.g. ``single_scale``, ``multi_scale``, ``crf``)."""
+
+    def __init__(self, modes: list[str], num_classes: int) -> None:
+        self.matrices = {mode: np.zeros((num_classes, num_classes), np.int64) for mode in modes}
+        self.num_classes = num_classes
+
+    def add(self, mode: str, pred: np.ndarray, gt: np.ndarray) -> None:
+        """Add one image's (H, W) prediction against its (H, W) ground truth (255 ignored)."""
+        self.matrices[mode] += confusion_matrix(pred, gt, self.num_classes)
+
+    def summary(self, names: list[str]) -> dict[str, float]:
+        """Flat metrics: ``<mode>/miou`` and ``<mode>/iou/<class>`` (classes absent from GT and predictions skipped)."""
+        out: dict[str, float] = {}
+        for mode, matrix in self.matrices.items():
+            out[f"{mode}/miou"] = mean_iou(matrix)
+            for name, iou in zip(names, iou_per_class(matrix), strict=True):
+                if not np.isnan(iou):
+                    out[f"{mode}/iou/{name}"] = float(iou)
+        return out
+
+
+def crf_labels(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.ndarray:
+    """Dense CRF on (K, H, W) probabilities of a (H, W, 3) uint8 image -> (H, W) uint8 argmax labels."""
+    return dense_crf(image, probs, params).argmax(0).astype(np.uint8)
+
+
+class CrfPool:
+    """Dense CRF + argmax for a stream of images, in this process or in worker processes.
+
+    At most ``2 * workers`` images are in flight, so memory stays bounded on large datasets. Results come back in
+    submission order.
+
+    Args:
+        params: CRF parameters.
+        workers: Worker processes (0 = run in this process).
+    """
+
+    def __init__(self, params: CrfParams, workers: int) -> None:
+        self.params = params
+        self.workers = workers
+        self._pending: deque[tuple[str, Future]] = deque()
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        self._executor = ProcessPoolExecutor(workers, mp_context=context) if workers > 0 else None
+
+    def submit(self, key: str, image: np.ndarray, probs: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """Queue one image; returns the results that are ready (all of them when running in-process)."""
+        if self._executor is None:
+            return [(key, crf_labels(image, probs, self.params))]
+        self._pending.append((key, self._executor.submit(crf_labels, image, probs, self.params)))
+        done = []
+        while self._pending and (len(self._pending) > 2 * self.workers or self._pending[0][1].done()):
+            first, future = self._pending.popleft()
+            done.append((first, future.result()))
+        return done
+
+    def finish(self) -> list[tuple[str, np.ndarray]]:
+        """Wait for the images still in flight and shut the workers down."""
+        done = [(key, future.result()) for key, future in self._pending]
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown()
+        return done
+
+
+def _check_classes(meta: dict, data: PreparedDataset, model_dir: Path) -> None:
+    if list(meta["class_names"]) != data.class_names:
+        raise DatasetError(
+            f"{model_dir / 'meta.json'} was trained on classes {meta['class_names']}, "
+            f"but {data.root / 'classes.json'} lists {data.class_names}"
+        )
+
+
+def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, results_dir: Path) -> dict[str, float]:
+    """Evaluate the model on ``evaluate.split`` and write metrics, confusion matrices and a gallery.
+
+    Args:
+        params: The ``evaluate`` section.
+        data_dir: Prepared dataset (images and ground-truth masks).
+        model_dir: Model written by ``train_seg``.
+        results_dir: dvclive directory.
+
+    Returns:
+        The flat metrics (``single_scale/miou``, ``multi_scale/miou``, per-class IoUs, ...).
+
+    Raises:
+        SegModelError: If the model is missing.
+        DatasetError: If the data is missing or its classes differ from the model's.
+    """
+    data = PreparedDataset.open(data_dir)
+    device = train.resolve_device(params.device)
+    train.set_threads(params.threads)
+    model, meta = load_segmenter(model_dir, device)
+    _check_classes(meta, data, model_dir)
+    mean, std, names = tuple(meta["mean"]), tuple(meta["std"]), data.class_names
+    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    ids = data.split(params.split)
+    confusions = ConfusionSet(["single_scale", "multi_scale"] + (["crf"] if params.use_crf else []), data.num_classes)
+    crf = CrfPool(params.crf, params.crf_workers) if params.use_crf else None
+    panels = {image_id: [] for image_id in ids[: params.gallery_size]}  # id -> [image, predictions...]
+
+    def add_crf(results: list[tuple[str, np.ndarray]]) -> None:
+        for image_id, label in results:
+            confusions.add("crf", label, data.load_mask(image_id))
+            if image_id in panels:
+                panels[image_id].append(label)
+
+    bar = tqdm(total=len(ids), desc=f"evaluate {params.split}", unit="img", disable=None, mininterval=2)
+    for group, images in same_size_batches(ids, data.load_image, params.batch_size):
+        x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
+        single = predict_probs(model, x, (1.0,), False, params.amp).argmax(1).cpu().numpy()  # (B, H, W)
+        probs = predict_probs(model, x, params.scales, params.flip, params.amp).cpu().numpy()  # (B, K, H, W)
+        multi = probs.argmax(1)  # (B, H, W)
+        for row, image_id in enumerate(group):
+            gt = data.load_mask(image_id)
+            confusions.add("single_scale", single[row], gt)
+            confusions.add("multi_scale", multi[row], gt)
+            if image_id in panels:
+                panels[image_id] += [images[row], single[row], multi[row]]
+            if crf is not None:
+                add_crf(crf.submit(image_id, images[row], probs[row]))
+        bar.update(len(group))
+    if crf is not None:
+        add_crf(crf.finish())
+    bar.close()
+
+    for index, (image_id, (image, *predictions)) in enumerate(panels.items()):
+        panel = label_gallery_row(image, [*predictions, data.load_mask(image_id)], data.palette)
+        live.log_image(f"gallery/{index:02d}_{image_id}.png", Image.fromarray(panel))
+    metrics = confusions.summary(names)
+    _write_results(live, confusions, metrics, names, Path(results_dir))
+    return metrics
+
+
+def _write_results(
+    live: Live, confusions: ConfusionSet, metrics: dict[str, float], names: list[str], results_dir: Path
+) -> None:
+    for name, value in metrics.items():
+        live.log_metric(name, round(value, 5), plot=False)
+    for mode, matrix in confusions.matrices.items():
+        live.log_image(f"confusion_{mode}.png", Image.fromarray(confusion_image(matrix, names)))
+    write_json(
+        results_dir / "confusion.json",
+        {"classes": names, "rows": "ground truth", **{m: c.tolist() for m, c in confusions.matrices.items()}},
+    )
+    live.end()

@@ -1,0 +1,132 @@
+"""``wsss predict``: segment new images with the trained model (no DVC, no params file needed).
+
+For every input image ``<name>.<ext>`` it writes ``<out>/<name>.png`` (palette PNG of class ids) and
+``<out>/<name>_overlay.jpg`` (the prediction blended into the image). Images found by recursing into a folder
+keep their sub-folder under ``<out>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from pipeline import train
+from pipeline.data.datasets import normalize
+from pipeline.io import atomic_path, save_label_png
+from pipeline.seg import load_segmenter, predict_probs
+from pipeline.viz import overlay
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass
+class PredictReport:
+    """What a prediction run did: written label files and one message per input that failed."""
+
+    written: list[Path] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def find_images(inputs: list[Path]) -> Iterator[tuple[Path, Path]]:
+    """Expand files and folders (recursively, common image extensions) into (image path, output stem) pairs.
+
+    The output stem is the file name without extension, prefixed by its sub-folder for images found in a folder.
+    A path that does not exist is yielded as is, so that reading it reports the error.
+    """
+    for path in inputs:
+        if path.is_dir():
+            for child in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+                yield child, child.relative_to(path).with_suffix("")
+        else:
+            yield path, Path(path.stem)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB.
+
+    Raises:
+        OSError: With a one-line reason if the file is missing or not a readable image.
+    """
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB")).copy()
+    except FileNotFoundError:
+        raise OSError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OSError(f"cannot read image {path}: {reason}") from None
+
+
+def _unique(stem: Path, taken: set[Path]) -> Path:
+    """``stem``, or ``stem_1``, ``stem_2``, ... if an earlier input already wrote that name."""
+    candidate, n = stem, 0
+    while candidate in taken:
+        n += 1
+        candidate = stem.with_name(f"{stem.name}_{n}")
+    taken.add(candidate)
+    return candidate
+
+
+def predict_images(
+    inputs: list[Path],
+    out_dir: Path,
+    model_dir: Path,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
+    device_name: str = "auto",
+    threads: int = 0,
+    on_error: Callable[[str], None] = log.error,
+) -> PredictReport:
+    """Segment images and write palette PNGs and overlays.
+
+    Unreadable inputs are reported (one line each, naming the file) and skipped; the others are written.
+
+    Args:
+        inputs: Image files and/or folders.
+        out_dir: Output folder.
+        model_dir: Model written by ``train_seg``.
+        scales: Inference scales (probabilities averaged).
+        flip: Also average horizontally flipped passes.
+        device_name: ``auto``, ``cpu`` or ``cuda``.
+        threads: Torch intra-op threads (0 = default).
+        on_error: Called with the one-line message of each failed input, as it happens.
+
+    Returns:
+        The written label files and the failures.
+
+    Raises:
+        SegModelError: If the model is missing or broken.
+    """
+    device = train.resolve_device(device_name)
+    train.set_threads(threads)
+    model, meta = load_segmenter(model_dir, device)
+    mean, std, palette = tuple(meta["mean"]), tuple(meta["std"]), meta["palette"]
+    report, taken = PredictReport(), set()
+    found = list(find_images(inputs))
+    if not found:
+        report.failures.append(f"no images found in {', '.join(map(str, inputs))} (extensions: {IMAGE_EXTENSIONS})")
+        on_error(report.failures[-1])
+    for path, stem in tqdm(found, desc="predict", unit="img", disable=None, mininterval=2):
+        try:
+            image = read_image(path)
+        except OSError as exc:
+            report.failures.append(str(exc))
+            on_error(str(exc))
+            continue
+        x = normalize(image, mean, std)[None].to(device)  # (1, 3, H, W)
+        label = predict_probs(model, x, scales, flip).argmax(1)[0].cpu().numpy().astype(np.uint8)  # (H, W)
+        stem = _unique(stem, taken)
+        target = out_dir / stem.with_name(f"{stem.name}.png")
+        save_label_png(target, label, palette)
+        with atomic_path(out_dir / stem.with_name(f"{stem.name}_overlay.jpg")) as tmp:
+            Image.fromarray(overlay(image, label, palette)).save(tmp, format="JPEG", quality=90)
+        report.written.append(target)
+    return report

@@ -1,0 +1,300 @@
+"""DeepLab through segmentation-models-pytorch: build, encoder weights, loss, save/load, multi-scale inference.
+
+The model is an smp ``DeepLabV3Plus`` / ``DeepLabV3`` wrapped in :class:`Segmenter`, which pads inputs of any size
+to a multiple of the encoder's output stride and crops the logits back. ``models/seg`` holds the smp model's
+state dict (``model.safetensors``, loadable into a plain smp model) and ``meta.json`` with everything needed to
+rebuild it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import segmentation_models_pytorch as smp
+import timm
+import torch
+import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline import train
+from pipeline.io import IGNORE, atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+ARCHS = {"deeplabv3plus": smp.DeepLabV3Plus, "deeplabv3": smp.DeepLabV3}
+META_FORMAT = "wsss-seg/1"
+PROBE_TIMEOUT_S = 3.0
+
+
+class SegModelError(ValueError):
+    """A segmentation model that cannot be built or loaded; the message is one line for the user."""
+
+
+class Segmenter(nn.Module):
+    """An smp DeepLab that takes inputs of any size.
+
+    Inputs are zero-padded (bottom/right) to a multiple of the encoder's output stride, and the logits are cropped
+    back to the input size.
+
+    Args:
+        net: The smp segmentation model.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.stride = int(net.encoder.output_stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, K, H, W) logits."""
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % self.stride, -w % self.stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.net(x)[..., :h, :w]
+
+    def new_modules(self) -> list[nn.Module]:
+        """The randomly initialised parts (decoder and head), trained with ``head_lr_mult``."""
+        return [self.net.decoder, self.net.segmentation_head]
+
+
+def _check_encoder_name(encoder: str) -> None:
+    if encoder.startswith("tu-"):
+        if not timm.is_model(encoder[3:].split(".")[0]):
+            raise SegModelError(f"train_seg.encoder: '{encoder}' names no timm model (see timm.list_models())")
+    elif encoder not in smp.encoders.get_encoder_names():
+        raise SegModelError(
+            f"train_seg.encoder: unknown encoder '{encoder}' (an smp encoder such as resnet18, resnet50, resnet101, "
+            "mobilenet_v2, efficientnet-b0, or tu-<timm model name>)"
+        )
+
+
+def _is_weights_file(value: str) -> bool:
+    return value.endswith((".safetensors", ".pth", ".pt", ".bin")) or "/" in value or Path(value).is_file()
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers within a few seconds (smp and timm download weights from it)."""
+    host = urlparse(hub_constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Switch huggingface_hub to cache-only mode (as ``HF_HUB_OFFLINE=1`` would) so it fails fast, not after retries."""
+    previous = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = previous
+
+
+def _build_net(arch: str, encoder: str, weights: Any, num_classes: int, output_stride: int, channels: int) -> nn.Module:
+    return ARCHS[arch](
+        encoder_name=encoder,
+        encoder_weights=weights,
+        encoder_output_stride=output_stride,
+        decoder_channels=channels,
+        classes=num_classes,
+    )
+
+
+def _build_with_tag(arch: str, encoder: str, tag: str, num_classes: int, output_stride: int, channels: int):
+    """Build with named pretrained weights, downloaded by smp/timm (or taken from their cache when offline)."""
+    weights = True if encoder.startswith("tu-") else tag
+    offline = not _hub_reachable()
+    try:
+        with _hub_offline(offline):
+            return _build_net(arch, encoder, weights, num_classes, output_stride, channels)
+    except KeyError as exc:
+        raise SegModelError(f"train_seg.encoder_weights: {exc.args[0]}") from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        reason = "no network" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        raise SegModelError(
+            f"train_seg.encoder_weights: cannot download '{tag}' weights for encoder '{encoder}' ({reason}); "
+            f"pass a local file instead: train_seg.encoder_weights=/path/to/{encoder}.safetensors (or .pth)"
+        ) from None
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise SegModelError(f"train_seg.encoder_weights: weights file {path} not found")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise SegModelError(f"train_seg.encoder_weights: cannot read {path} ({type(exc).__name__})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SegModelError(f"train_seg.encoder_weights: {path} is not a state dict of tensors")
+    smp_parts = ("encoder.", "decoder.", "segmentation_head.", "classification_head.")
+    if any(k.startswith("encoder.") for k in state) and all(k.startswith(smp_parts) for k in state):
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    return state
+
+
+def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
+    """Load a local ``.safetensors`` / ``.pth`` state dict into an smp encoder, strictly.
+
+    Accepted layouts: the encoder's own keys (for ``tu-`` encoders also the keys of the bare timm model), or a
+    whole smp model's keys (``encoder.`` prefix). Extra tensors (e.g. a classifier head) are ignored.
+
+    Raises:
+        SegModelError: If the file is missing or unreadable, a tensor has the wrong shape, or encoder tensors
+            are missing from it.
+    """
+    state = _read_state(path)
+    target = encoder
+    own = target.state_dict()
+    if not own.keys() & state.keys() and hasattr(encoder, "model"):
+        target, own = encoder.model, encoder.model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        key = wrong[0]
+        raise SegModelError(
+            f"train_seg.encoder_weights: {path}: {len(wrong)} tensors have the wrong shape "
+            f"(first: {key} {tuple(state[key].shape)} vs {tuple(own[key].shape)} in the encoder)"
+        )
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise SegModelError(
+            f"train_seg.encoder_weights: {path} lacks {len(missing)} of the encoder's {len(own)} tensors "
+            f"(first: {missing[0]}); is it for another encoder?"
+        )
+    target.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    unused = len(state.keys() - own.keys())
+    if unused:
+        log.info("train_seg.encoder_weights: ignored %d tensors of %s that the encoder does not have", unused, path)
+
+
+def build_segmenter(
+    arch: str,
+    encoder: str,
+    num_classes: int,
+    encoder_weights: str = "none",
+    output_stride: int = 16,
+    decoder_channels: int = 256,
+) -> Segmenter:
+    """Build a DeepLab through segmentation-models-pytorch.
+
+    Args:
+        arch: ``deeplabv3plus`` or ``deeplabv3``.
+        encoder: An smp encoder name (``resnet101``) or ``tu-<timm name>``.
+        num_classes: Output channels K (background included).
+        encoder_weights: ``none``; a local ``.safetensors``/``.pth`` file loaded into the encoder; or a named tag
+            such as ``imagenet`` that smp/timm download (for ``tu-`` encoders any tag means timm's default
+            pretrained weights, or the tag in the name, e.g. ``tu-resnet18.a1_in1k``).
+        output_stride: Encoder output stride, 8 or 16.
+        decoder_channels: ASPP / decoder width.
+
+    Returns:
+        The model.
+
+    Raises:
+        SegModelError: For an unknown encoder, or weights that cannot be loaded or downloaded.
+    """
+    _check_encoder_name(encoder)
+    if encoder_weights == "none":
+        net = _build_net(arch, encoder, None, num_classes, output_stride, decoder_channels)
+    elif _is_weights_file(encoder_weights):
+        net = _build_net(arch, encoder, None, num_classes, output_stride, decoder_channels)
+        load_encoder_weights(net.encoder, Path(encoder_weights))
+    else:
+        net = _build_with_tag(arch, encoder, encoder_weights, num_classes, output_stride, decoder_channels)
+    return Segmenter(net)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled pixels (255 = ignore); 0 with zero gradients if there are none.
+
+    Args:
+        logits: (B, K, H, W) scores.
+        target: (B, H, W) int64 class ids or 255.
+    """
+    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+    count = (target != IGNORE).sum().clamp(min=1)
+    return total / count
+
+
+def save_segmenter(model: Segmenter, meta: dict[str, Any], model_dir: Path) -> None:
+    """Write ``model.safetensors`` (the smp model's state dict) and ``meta.json``, each atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
+    with atomic_path(Path(model_dir) / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json(Path(model_dir) / "meta.json", {"format": META_FORMAT, **meta})
+
+
+def load_segmenter(model_dir: Path | str, device: torch.device) -> tuple[Segmenter, dict[str, Any]]:
+    """Rebuild the model written by ``train_seg`` from ``model.safetensors`` + ``meta.json`` (eval mode).
+
+    Raises:
+        SegModelError: If a file is missing or does not match the described model.
+    """
+    model_dir = Path(model_dir)
+    weights, meta_path = model_dir / "model.safetensors", model_dir / "meta.json"
+    for path in (meta_path, weights):
+        if not path.is_file():
+            raise SegModelError(
+                f"segmentation model not found: {path} is missing "
+                "(run the 'train_seg' stage first: `wsss train_seg` or `dvc repro train_seg`)"
+            )
+    meta = read_json(meta_path)
+    if meta.get("format") != META_FORMAT:
+        raise SegModelError(f"{meta_path}: not a segmentation model description (format {meta.get('format')!r})")
+    model = build_segmenter(
+        meta["arch"], meta["encoder"], meta["num_classes"], "none", meta["output_stride"], meta["decoder_channels"]
+    )
+    try:
+        model.net.load_state_dict(load_file(str(weights)))
+    except Exception as exc:  # noqa: BLE001 - a corrupt or mismatched file is one user error
+        raise SegModelError(f"{weights}: does not match {meta_path} ({type(exc).__name__})") from None
+    return model.to(device).eval(), meta
+
+
+@torch.no_grad()
+def predict_probs(
+    model: Segmenter, images: torch.Tensor, scales: tuple[float, ...], flip: bool, amp: bool = True
+) -> torch.Tensor:
+    """Class probabilities averaged over scales and (optionally) horizontal flips.
+
+    Args:
+        model: The model in eval mode.
+        images: (B, 3, H, W) normalised images.
+        scales: Input scales (bilinear resize).
+        flip: Also run the mirrored images and flip their outputs back.
+        amp: Autocast on CUDA.
+
+    Returns:
+        (B, K, H, W) float32 softmax probabilities at the input size.
+    """
+    h, w = images.shape[-2:]
+    total, count = None, 0
+    for scale in scales:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        x = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if scale != 1 else images
+        for mirrored in (False, True) if flip else (False,):
+            with train.autocast(images.device, amp):
+                logits = model(x.flip(-1) if mirrored else x)  # (B, K, h', w')
+            logits = logits.float().flip(-1) if mirrored else logits.float()
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)  # (B, K, H, W)
+            probs = logits.softmax(1)
+            total = probs if total is None else total + probs
+            count += 1
+    return total / count
