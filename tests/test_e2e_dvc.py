@@ -1,4 +1,4 @@
-"""End to end through DVC: ``dvc repro`` on tiny params, then the ``dvc exp run -S loss.ccl=false`` ablation."""
+"""End to end through DVC: ``dvc repro`` of the whole DAG on tiny params, then two ``dvc exp run`` ablations."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from conftest import REPO, VENV_BIN, subprocess_env, tiny_params_dict, write_par
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "train_cls", "cams")
+STAGES = ("prepare", "train_cls", "cams", "train_aff", "refine", "train_seg", "evaluate")
+UPSTREAM_OF_REFINE = ("prepare", "train_cls", "cams", "train_aff")
 SEED_KEYS = ("miou_argmax", "miou_best", "best_threshold")
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "wsss tests",
@@ -29,6 +30,7 @@ class Project:
     root: Path
     repro: subprocess.CompletedProcess | None = None
     exp_run: subprocess.CompletedProcess | None = None
+    exp_run_refine: subprocess.CompletedProcess | None = None
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -67,7 +69,7 @@ def project(tmp_path_factory) -> Project:
     project.ok(*_dvc("init", "-q"))
     project.ok("git", "add", "-A")
     project.ok("git", "commit", "-q", "-m", "pipeline")
-    project.repro = project.run(*_dvc("repro"), timeout=400)
+    project.repro = project.run(*_dvc("repro"), timeout=600)
     if project.repro.returncode == 0:
         project.ok("git", "add", "-A")
         project.ok("git", "commit", "-q", "-m", "reproduce")
@@ -80,6 +82,13 @@ def ablation(project) -> Project:
     assert project.repro.returncode == 0, project.repro.stdout + project.repro.stderr
     project.exp_run = project.run(*_dvc("exp", "run", "-S", "loss.ccl=false"), timeout=400)
     return project
+
+
+@pytest.fixture(scope="module")
+def refine_ablation(ablation) -> Project:
+    """``dvc exp run -S refine.method=none`` on top of the same baseline (after the CCL ablation)."""
+    ablation.exp_run_refine = ablation.run(*_dvc("exp", "run", "-S", "refine.method=none"), timeout=400)
+    return ablation
 
 
 def test_repro_runs_every_stage(project):
@@ -158,3 +167,19 @@ def test_exp_show_lists_baseline_and_ablation(ablation):
             assert all(0 <= cams[kind][key] <= 1 for key in SEED_KEYS)
     losses = [d["metrics"]["results/train_cls/metrics.json"]["data"]["train"]["loss_total"] for d in rows.values()]
     assert losses[0] != losses[1], "switching CCL off must change the training loss"
+
+
+def test_refine_ablation_reruns_refine_and_downstream_only(refine_ablation):
+    result = refine_ablation.exp_run_refine
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for stage in UPSTREAM_OF_REFINE:
+        assert f"Running stage '{stage}'" not in output, stage
+    for stage in ("refine", "train_seg", "evaluate"):
+        assert f"Running stage '{stage}'" in output, stage
+    shown = json.loads(refine_ablation.ok(*_dvc("exp", "show", "--json")))
+    _, runs = _experiments(shown)
+    methods = {run["data"]["params"]["params.yaml"]["data"]["refine"]["method"] for run in runs}
+    assert methods == {"psa_crf", "none"}
+    for run in runs:
+        assert 0 <= run["data"]["metrics"]["results/evaluate/metrics.json"]["data"]["single_scale"]["miou"] <= 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_params_dict, write_params
+from conftest import TINY_OVERRIDES, tiny_params_dict, write_params
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -16,27 +16,7 @@ from pipeline.io import load_label_png
 from pipeline.refine import train_aff
 from stages.cli import app
 
-REFINE_TINY = {
-    "train_aff": {
-        "labels": {"crf": {"iterations": 2, "bilateral_sxy": 10}},
-        "model": {"out_indices": [1, 2], "projection_dims": [4, 8], "feature_dim": 8},
-        "radius": 3,
-        "epochs": 2,
-        "batch_size": 4,
-        "warmup_epochs": 0.5,
-        "crop_size": 32,
-        "label_workers": 1,
-        "device": "cpu",
-        "threads": 1,
-    },
-    "refine": {
-        "method": "psa_crf",
-        "crf": {"iterations": 2, "bilateral_sxy": 10},
-        "psa": {"logt": 3},
-        "workers": 2,
-        "gallery_size": 2,
-    },
-}
+REFINE_TINY = {section: TINY_OVERRIDES[section] for section in ("train_aff", "refine")}
 
 
 def invoke(*args):

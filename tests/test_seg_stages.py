@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_params_dict, write_params
+from conftest import TINY_OVERRIDES, tiny_params_dict, write_params
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
@@ -27,17 +27,8 @@ from pipeline.seg import build_segmenter, save_segmenter
 from pipeline.train_seg import train_segmenter
 from stages.cli import app
 
-TINY_SEG = {
-    "encoder": "tu-test_efficientnet",
-    "decoder_channels": 8,
-    "epochs": 2,
-    "batch_size": 4,
-    "crop_size": 32,
-    "warmup_epochs": 0.5,
-    "device": "cpu",
-    "threads": 1,
-}
-TINY_EVAL = {"scales": [1.0, 0.5], "batch_size": 4, "gallery_size": 2, "device": "cpu", "threads": 1}
+TINY_SEG = TINY_OVERRIDES["train_seg"]
+TINY_EVAL = TINY_OVERRIDES["evaluate"]
 
 
 def invoke(*args: str | Path):
