@@ -42,7 +42,7 @@ class SyntheticParams(Section):
     max_classes_per_image: Annotated[int, Field(ge=1, le=6)] = 2
     min_scale: Annotated[float, Field(gt=0, lt=0.5)] = 0.14
     max_scale: Annotated[float, Field(gt=0, lt=0.5)] = 0.34
-    context_prob: Probability = 0.3
+    context_prob: Probability = 0.4
     body_color_bias: Probability = 0.85
     noise_std: Annotated[float, Field(ge=0)] = 6.0
     boundary_width: Annotated[int, Field(ge=0, le=8)] = 1
