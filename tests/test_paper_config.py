@@ -18,7 +18,7 @@ from pipeline.config import load_params
 from stages.cli import app
 
 CONFIGS = REPO / "configs"
-STAGES = ("prepare", "train_cls", "cams")
+STAGES = ("prepare", "train_cls", "cams", "train_aff", "refine", "train_seg", "evaluate")
 
 
 @pytest.mark.parametrize("name", ["voc_paper.yaml", "coco_paper.yaml"])
