@@ -83,9 +83,10 @@ def _is_weights_file(value: str) -> bool:
 
 def _hub_reachable() -> bool:
     """Whether the Hugging Face hub answers within a few seconds (smp and timm download weights from it)."""
-    host = urlparse(hub_constants.ENDPOINT).hostname or "huggingface.co"
+    endpoint = urlparse(hub_constants.ENDPOINT)
+    address = (endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443))
     try:
-        with socket.create_connection((host, 443), timeout=PROBE_TIMEOUT_S):
+        with socket.create_connection(address, timeout=PROBE_TIMEOUT_S):
             return True
     except OSError:
         return False

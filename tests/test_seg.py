@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 import time
 import warnings
 
@@ -239,3 +240,14 @@ def test_same_size_batches_split_on_size_and_count():
 def test_seg_params_are_validated(section, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_params({section: value})
+
+
+def test_hub_probe_follows_the_endpoint(monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert seg._hub_reachable()
+    monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{port}")  # closed now
+    assert not seg._hub_reachable()

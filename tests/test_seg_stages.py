@@ -303,3 +303,30 @@ def test_predict_with_a_missing_model(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1
     assert f"{tmp_path / 'no_model' / 'meta.json'} is missing" in lines[0] and "'train_seg'" in lines[0]
+
+
+# --- help and params errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("train_seg", ["--params", "--data", "--pseudo-labels", "--model-dir", "--results", "--checkpoint"]),
+        ("evaluate", ["--params", "--data", "--model-dir", "--results"]),
+        ("predict", ["--out", "--model-dir", "--scales", "--flip", "--device", "--threads"]),
+    ],
+)
+def test_help_lists_the_options(command, options):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    for option in options:
+        assert option in result.stdout, f"{option} missing from `wsss {command} --help`"
+
+
+@pytest.mark.parametrize(("command", "section"), [("train_seg", "train_seg"), ("evaluate", "evaluate")])
+def test_bad_params_exit_2_with_one_line(tmp_path, command, section):
+    params = write_params(tmp_path / "bad.yaml", tiny_params_dict(**{section: {"batch_size": 0}}))
+    result = invoke(command, "--params", params, "--data", tmp_path / "missing")
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(params) in lines[0] and f"{section}.batch_size" in lines[0]
