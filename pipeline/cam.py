@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pipeline import train
 from pipeline.config import CamsParams, ModelParams
-from pipeline.data.datasets import ClassificationEvalSet, normalize
+from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_batches
 from pipeline.data.layout import DatasetError, PreparedDataset
 from pipeline.io import CamWriter, read_json
 from pipeline.metrics import SeedEvaluator, threshold_grid
@@ -91,20 +91,6 @@ def multiscale_maps(
     return max_norm(cam_sum), (max_norm(rcam_sum) if rcam_sum is not None else None)
 
 
-def _batches(data: PreparedDataset, ids: list[str], batch_size: int):
-    """Yield (ids, uint8 images) groups of consecutive images that share one size."""
-    group, images = [], []
-    for image_id in ids:
-        image = data.load_image(image_id)
-        if images and (image.shape != images[0].shape or len(group) == batch_size):
-            yield group, images
-            group, images = [], []
-        group.append(image_id)
-        images.append(image)
-    if group:
-        yield group, images
-
-
 def generate_cams(
     params: CamsParams, data_dir: Path, model_dir: Path, cams_dir: Path, results_dir: Path, batch_size: int = 8
 ) -> dict[str, float]:
@@ -136,7 +122,7 @@ def generate_cams(
     gallery = 0
 
     bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=None, mininterval=2)
-    for group, images in _batches(data, ids, batch_size):
+    for group, images in same_size_batches(ids, data.load_image, batch_size):
         x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
         labels = [data.labels[i] for i in group]
         mask = torch.zeros(len(group), data.num_classes, 1, 1, device=device)

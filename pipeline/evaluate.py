@@ -22,9 +22,8 @@ from tqdm import tqdm
 
 from pipeline import train
 from pipeline.config import CrfParams, EvaluateParams
-from pipeline.data.datasets import normalize
+from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import DatasetError, PreparedDataset
-from pipeline.data.seg_datasets import same_size_batches
 from pipeline.io import write_json
 from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
 from pipeline.refine.crf import dense_crf

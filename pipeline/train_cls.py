@@ -126,25 +126,13 @@ def train_classifier(
     groups = train.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: train.warmup_decay(s, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
-    )
+    scheduler = train.warmup_scheduler(optimizer, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
     scaler = train.make_scaler(device, cfg.amp)
+    trainables = train.Trainables(model, optimizer, scheduler, scaler)
 
     digest = params.digest()
-    start_epoch, history = 0, []
-    state = train.load_checkpoint(checkpoint)
-    if state is not None and state["config_digest"] != digest:
-        log.warning("checkpoint %s was made with another configuration; starting fresh", checkpoint)
-        state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        train.set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        log.info("resuming from %s at epoch %d", checkpoint, start_epoch)
+    state = train.resume(checkpoint, digest, trainables)
+    start_epoch, history = (state["epoch"], list(state["history"])) if state else (0, [])
 
     find_unused = params.model.version == "v2" and not (loss_cfg.gsc or loss_cfg.ccl)
     net = DistributedDataParallel(model, find_unused_parameters=find_unused) if ddp.world_size > 1 else model
@@ -198,20 +186,7 @@ def train_classifier(
             history.append(record)
             _log_epoch(live, record)
             log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
-            train.save_checkpoint(
-                checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": train.rng_state(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "config_digest": digest,
-                    "history": history,
-                },
-            )
+            train.save_progress(checkpoint, digest, trainables, epoch + 1, history, step=step)
 
     final = {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}
     if ddp.is_main:

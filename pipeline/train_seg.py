@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from pipeline import train
 from pipeline.config import StageParams
-from pipeline.data.datasets import normalize
+from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
-from pipeline.data.seg_datasets import SegmentationTrainSet, labels_fingerprint, same_size_batches
+from pipeline.data.seg_datasets import SegmentationTrainSet, labels_fingerprint
 from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
 from pipeline.seg import Segmenter, build_segmenter, predict_probs, save_segmenter, segmentation_loss
 
@@ -134,25 +134,13 @@ def train_segmenter(
     ).to(device)
     optimizer = _make_optimizer(cfg, model)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: train.warmup_decay(s, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
-    )
+    scheduler = train.warmup_scheduler(optimizer, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
     scaler = train.make_scaler(device, cfg.amp)
+    trainables = train.Trainables(model, optimizer, scheduler, scaler)
 
     digest = f"{params.digest()}-{labels_fingerprint(Path(labels_dir), trainset.ids)}"
-    start_epoch, history = 0, []
-    state = train.load_checkpoint(checkpoint)
-    if state is not None and state["config_digest"] != digest:
-        log.warning("checkpoint %s was made with another configuration or other labels; starting fresh", checkpoint)
-        state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        train.set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        log.info("resuming from %s at epoch %d", checkpoint, start_epoch)
+    state = train.resume(checkpoint, digest, trainables)  # the digest covers the pseudo labels too
+    start_epoch, history = (state["epoch"], list(state["history"])) if state else (0, [])
 
     net: torch.nn.Module = model
     if ddp.world_size > 1:
@@ -214,20 +202,7 @@ def train_segmenter(
             history.append(record)
             _log_epoch(live, record)
             log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
-            train.save_checkpoint(
-                checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": train.rng_state(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "config_digest": digest,
-                    "history": history,
-                },
-            )
+            train.save_progress(checkpoint, digest, trainables, epoch + 1, history, step=step)
 
     final = {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}
     if ddp.is_main:

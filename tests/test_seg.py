@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 
 from pipeline import seg
 from pipeline.config import ConfigError, parse_params
+from pipeline.data.datasets import same_size_batches
 from pipeline.data.layout import DatasetError
-from pipeline.data.seg_datasets import load_pseudo_label, random_scale_flip_crop, same_size_batches
+from pipeline.data.seg_datasets import load_pseudo_label, random_scale_flip_crop
 from pipeline.io import IGNORE, save_label_png
 from pipeline.seg import SegModelError, build_segmenter, predict_probs, segmentation_loss
 

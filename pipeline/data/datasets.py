@@ -6,6 +6,8 @@ pure function of (seed, epoch, index): a resumed run sees exactly the crops an u
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
@@ -130,3 +132,29 @@ class ClassificationEvalSet(Dataset):
         image = resize_long(Image.fromarray(self.data.load_image(image_id)), self.size)
         canvas, valid = place_in_canvas(normalize(np.asarray(image), self.mean, self.std), self.size, None)
         return {"image": canvas, "valid": valid, "labels": torch.from_numpy(self.data.label_vector(image_id))}
+
+
+def same_size_batches(
+    ids: list[str], load: Callable[[str], np.ndarray], batch_size: int
+) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """Group consecutive images of one size into batches of at most ``batch_size``.
+
+    Args:
+        ids: Image ids in order.
+        load: Returns the (H, W, 3) uint8 image of an id.
+        batch_size: Largest group.
+
+    Yields:
+        ``(ids, images)`` of one group.
+    """
+    group: list[str] = []
+    images: list[np.ndarray] = []
+    for image_id in ids:
+        image = load(image_id)
+        if images and (image.shape != images[0].shape or len(group) == batch_size):
+            yield group, images
+            group, images = [], []
+        group.append(image_id)
+        images.append(image)
+    if group:
+        yield group, images

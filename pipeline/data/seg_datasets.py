@@ -7,7 +7,6 @@ index])``, so a sample is a pure function of (seed, epoch, index) and a resumed 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -153,29 +152,3 @@ class SegmentationTrainSet(Dataset):
         label = load_pseudo_label(self.label_dir / f"{image_id}.png", self.data.num_classes, image.shape[:2])
         image, label = random_scale_flip_crop(image, label, self.crop_size, self.scale_range, self.flip, rng)
         return {"image": normalize(image, self.mean, self.std), "label": torch.from_numpy(label.astype(np.int64))}
-
-
-def same_size_batches(
-    ids: list[str], load: Callable[[str], np.ndarray], batch_size: int
-) -> Iterator[tuple[list[str], list[np.ndarray]]]:
-    """Group consecutive images of one size into batches of at most ``batch_size``.
-
-    Args:
-        ids: Image ids in order.
-        load: Returns the (H, W, 3) uint8 image of an id.
-        batch_size: Largest group.
-
-    Yields:
-        ``(ids, images)`` of one group.
-    """
-    group: list[str] = []
-    images: list[np.ndarray] = []
-    for image_id in ids:
-        image = load(image_id)
-        if images and (image.shape != images[0].shape or len(group) == batch_size):
-            yield group, images
-            group, images = [], []
-        group.append(image_id)
-        images.append(image)
-    if group:
-        yield group, images

@@ -193,25 +193,15 @@ def train_affinity_net(
     )
     steps_per_epoch = len(ids) // cfg.batch_size
     total_steps, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: train.warmup_decay(s, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
-    )
+    scheduler = train.warmup_scheduler(optimizer, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
     scaler = train.make_scaler(device, cfg.amp)
+    trainables = train.Trainables(model, optimizer, scheduler, scaler)
 
     digest = params.digest()
-    state = train.load_checkpoint(checkpoint)
-    if state is not None and state["config_digest"] != digest:
-        log.warning("checkpoint %s was made with another configuration; starting fresh", checkpoint)
-        state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        train.set_rng_state(state["rng"])
+    state = train.resume(checkpoint, digest, trainables)
+    if state is not None:  # the affinity labels are checkpointed too, so a resumed run skips their CRFs
         labels, seed_map = [t.numpy() for t in state["labels"]], state["seed_map"]
         start_epoch, history = state["epoch"], list(state["history"])
-        log.info("resuming from %s at epoch %d", checkpoint, start_epoch)
     else:
         labels, seed_map = make_affinity_labels(data, store, ids, cfg)
         start_epoch, history = 0, []
@@ -266,20 +256,14 @@ def train_affinity_net(
         history.append(record)
         _log_epoch(live, record)
         log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
-        train.save_checkpoint(
+        train.save_progress(
             checkpoint,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": train.rng_state(),
-                "epoch": epoch + 1,
-                "config_digest": digest,
-                "history": history,
-                "labels": [torch.from_numpy(y) for y in labels],
-                "seed_map": seed_map,
-            },
+            digest,
+            trainables,
+            epoch + 1,
+            history,
+            labels=[torch.from_numpy(y) for y in labels],
+            seed_map=seed_map,
         )
 
     _save_model(model, params, seed_map, model_dir)
