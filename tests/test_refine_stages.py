@@ -89,7 +89,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def test_train_aff_artifacts(tiny_run):
     meta = json.loads((tiny_run / "aff/meta.json").read_text())
-    assert meta["radius"] == 3 and meta["stride"] == 4 and meta["seed_map"] == "rcam"
+    assert meta["radius"] == 3 and meta["stride"] == 4 and meta["seed_map"] == "cam"
     assert meta["model"]["out_indices"] == [1, 2]
     assert load_file(tiny_run / "aff/model.safetensors")
     metrics = json.loads((tiny_run / "results/train_aff/metrics.json").read_text())
