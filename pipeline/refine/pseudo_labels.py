@@ -8,6 +8,7 @@ thresholded seeds they come from, and a gallery.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +211,7 @@ def refine_pseudo_labels(
     live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
     live.log_params({"seed_map": seed_map, "workers": workers})
     scores = _Scores(data.num_classes)
+    started = time.perf_counter()
     bar = tqdm(total=len(ids), desc=f"refine ({params.method})", unit="img", disable=None, mininterval=2)
     for index, (image_id, label) in enumerate(zip(ids, pseudo_labels(jobs(), params, model_dir, workers), strict=True)):
         save_label_png(out_dir / f"{image_id}.png", label, data.palette)
@@ -223,6 +225,7 @@ def refine_pseudo_labels(
                 live.log_image(f"gallery/{index:02d}_{image_id}.png", Image.fromarray(row))
         bar.update()
     bar.close()
+    log.info("refine: %d pseudo labels in %.1f s", len(ids), time.perf_counter() - started)
     keep = set(ids)
     for stale in out_dir.glob("*.png"):
         if stale.stem not in keep:

@@ -62,12 +62,20 @@ def make_affinity_labels(
             yield data.load_image(image_id), entry[seed_map].astype(np.float32), entry["keys"], cfg
 
     workers = resolve_workers(cfg.label_workers)
+    started = time.perf_counter()
     bar = tqdm(total=len(ids), desc="affinity labels", unit="img", disable=None, mininterval=2)
     labels = []
     for result in map_ordered(_label_job, jobs(), workers):
         labels.append(result)
         bar.update()
     bar.close()
+    log.info(
+        "affinity labels (%s seeds) for %d images in %.1f s with %d process(es)",
+        seed_map,
+        len(ids),
+        time.perf_counter() - started,
+        workers,
+    )
     return labels, seed_map
 
 
