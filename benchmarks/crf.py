@@ -8,7 +8,8 @@ parameters, background threshold and seed map of ``refine`` in the params file:
   image's classes only, in ``--workers`` processes (default: one per core); also timed with one worker, so
   the two effects (fewer labels, more processes) are visible separately.
 
-Prints the time ratio naive / ours (target >= 2 on 2 cores).
+Prints the time ratio naive / ours (target >= 2 on 2 cores). The pool's share of the speed-up needs idle
+cores: the script prints the load average before and after, and a busy machine lowers the ratio.
 
 What "identical where the label sets agree" means here. The naive CRF gets probability 0 for the classes an
 image does not have, so both CRFs see the same normalised probabilities for the present labels. They are
@@ -27,6 +28,7 @@ Usage: python benchmarks/crf.py [--params params.yaml] [--data data/prepared] [-
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -76,6 +78,7 @@ def main() -> int:
     print(f"{len(jobs)} images, seed map {seed_map}, {data.num_classes} labels in the dataset, "
           f"{labels_per_image:.2f} per image on average; CRF {params.crf.iterations} iterations")  # fmt: skip
 
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     naive = naive_labels(jobs, data.num_classes, params)
     naive_s = time.perf_counter() - start
@@ -86,6 +89,9 @@ def main() -> int:
     ours = list(pseudo_labels(jobs, params, None, workers=workers))
     ours_s = time.perf_counter() - start
 
+    print(
+        f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    )
     print(f"naive (all labels, 1 process):     {naive_s:7.2f} s")
     print(f"present labels, 1 process:         {serial_s:7.2f} s   naive / this = {naive_s / serial_s:.2f}")
     print(f"ours (present labels, {workers} processes): {ours_s:7.2f} s   naive / ours = {naive_s / ours_s:.2f}")
