@@ -42,6 +42,18 @@ TINY_OVERRIDES: dict[str, Any] = {
         "device": "cpu",
     },
     "cams": {"scales": [1.0, 0.5], "gallery_size": 2, "shard_size": 8, "device": "cpu", "threads": 1},
+    "train_aff": {
+        "labels": {"crf": {"iterations": 2, "bilateral_sxy": 10}},
+        "model": {"projection_dims": [4, 8], "feature_dim": 8},
+        "epochs": 2,
+        "batch_size": 4,
+        "warmup_epochs": 0.5,
+        "crop_size": 32,
+        "label_workers": 1,
+        "device": "cpu",
+        "threads": 1,
+    },
+    "refine": {"crf": {"iterations": 2, "bilateral_sxy": 10}, "psa": {"logt": 3}, "workers": 1, "gallery_size": 2},
 }
 
 

@@ -14,7 +14,7 @@ from conftest import REPO, VENV_BIN, subprocess_env, tiny_params_dict, write_par
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "train_cls", "cams")
+STAGES = ("prepare", "train_cls", "cams", "train_aff", "refine")
 SEED_KEYS = ("miou_argmax", "miou_best", "best_threshold")
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "wsss tests",
@@ -91,6 +91,8 @@ def test_repro_runs_every_stage(project):
     # the lock records each stage's params; train_cls's must hold loss.ccl for the ablation to invalidate it
     assert lock["stages"]["train_cls"]["params"]["params.yaml"]["loss"]["ccl"] is True
     assert set(lock["stages"]["cams"]["params"]["params.yaml"]) == {"cams"}
+    assert set(lock["stages"]["train_aff"]["params"]["params.yaml"]) == {"seed", "data", "train_aff"}
+    assert set(lock["stages"]["refine"]["params"]["params.yaml"]) == {"refine"}
     for stage in STAGES:
         assert lock["stages"][stage]["outs"], stage
 
@@ -133,6 +135,7 @@ def test_ablation_reruns_only_the_dependent_stages(ablation):
     assert "Stage 'prepare' didn't change, skipping" in output
     assert "Running stage 'prepare'" not in output
     assert "Running stage 'train_cls'" in output and "Running stage 'cams'" in output
+    assert "Running stage 'train_aff'" in output and "Running stage 'refine'" in output, "new seeds, new labels"
     params = yaml.safe_load((ablation.root / "params.yaml").read_text())
     assert params["loss"]["ccl"] is False
 
@@ -158,3 +161,16 @@ def test_exp_show_lists_baseline_and_ablation(ablation):
             assert all(0 <= cams[kind][key] <= 1 for key in SEED_KEYS)
     losses = [d["metrics"]["results/train_cls/metrics.json"]["data"]["train"]["loss_total"] for d in rows.values()]
     assert losses[0] != losses[1], "switching CCL off must change the training loss"
+
+
+def test_refine_method_change_reruns_only_refine(ablation):
+    # runs after the ablation tests (file order): train_aff does not read `refine`, so it is not re-run
+    assert ablation.exp_run.returncode == 0, ablation.exp_run.stdout + ablation.exp_run.stderr
+    result = ablation.run(*_dvc("exp", "run", "-S", "refine.method=none"), timeout=400)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Running stage 'refine'" in output
+    for stage in ("prepare", "train_cls", "cams", "train_aff"):
+        assert f"Running stage '{stage}'" not in output, stage
+    metrics = json.loads((ablation.root / "results/refine/metrics.json").read_text())
+    assert metrics["pseudo"]["miou"] == pytest.approx(metrics["seed"]["miou"], abs=1e-5), "none = the seeds"

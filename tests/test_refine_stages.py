@@ -16,27 +16,7 @@ from pipeline.io import load_label_png
 from pipeline.refine import train_aff
 from stages.cli import app
 
-REFINE_TINY = {
-    "train_aff": {
-        "labels": {"crf": {"iterations": 2, "bilateral_sxy": 10}},
-        "model": {"out_indices": [1, 2], "projection_dims": [4, 8], "feature_dim": 8},
-        "radius": 3,
-        "epochs": 2,
-        "batch_size": 4,
-        "warmup_epochs": 0.5,
-        "crop_size": 32,
-        "label_workers": 1,
-        "device": "cpu",
-        "threads": 1,
-    },
-    "refine": {
-        "method": "psa_crf",
-        "crf": {"iterations": 2, "bilateral_sxy": 10},
-        "psa": {"logt": 3},
-        "workers": 2,
-        "gallery_size": 2,
-    },
-}
+REFINE_TINY = {"refine": {"method": "psa_crf", "workers": 2}}  # on top of conftest's tiny params: PSA + CRF, a pool
 
 
 def invoke(*args):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +124,12 @@ def _job(job: tuple) -> np.ndarray:
     return pseudo_label(image, maps, keys, _WORKER["params"], _WORKER["affinity"])
 
 
-def pseudo_labels(jobs, params: RefineParams, model_dir: Path | None, workers: int):
+def pseudo_labels(
+    jobs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    params: RefineParams,
+    model_dir: Path | None,
+    workers: int,
+) -> Iterator[np.ndarray]:
     """Pseudo labels for ``(image, maps, keys)`` jobs, in order, computed by ``workers`` processes.
 
     Args:
@@ -195,7 +201,7 @@ def refine_pseudo_labels(
     try:
         seed_map = choose_seed_map(list(store.load(ids[0])), params.seed_map) if ids else "cam"
     except ValueError as exc:
-        raise DatasetError(f"{cams_dir}: {exc}") from None
+        raise DatasetError(f"{cams_dir}: {exc} (refine.seed_map)") from None
     model_dir = aff_dir if params.method in PSA_METHODS else None
     if model_dir is not None:
         load_affinity_model(model_dir)  # fail early, in this process, with a clear message

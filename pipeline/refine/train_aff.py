@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline import train
 from pipeline.config import StageParams, TrainAffParams
 from pipeline.data.datasets import normalize
-from pipeline.data.layout import PreparedDataset
+from pipeline.data.layout import DatasetError, PreparedDataset
 from pipeline.io import IGNORE, CamStore, write_json
 from pipeline.models.affinitynet import AffinityNet
 from pipeline.refine.affinity import (
@@ -53,8 +53,14 @@ def make_affinity_labels(
 
     Returns:
         ``(labels, seed_map)``: one (H, W) uint8 map per id, and the resolved seed map name.
+
+    Raises:
+        DatasetError: If the requested seed map is not in the store.
     """
-    seed_map = choose_seed_map(list(store.load(ids[0])), cfg.seed_map)
+    try:
+        seed_map = choose_seed_map(list(store.load(ids[0])), cfg.seed_map)
+    except ValueError as exc:
+        raise DatasetError(f"{store.directory}: {exc} (train_aff.seed_map)") from None
 
     def jobs():
         for image_id in ids:
