@@ -162,16 +162,18 @@ class CamsParams(Section):
 class CrfParams(Section):
     """Dense CRF (pydensecrf) parameters: mean-field iterations and the two pairwise kernels.
 
-    Defaults are the PSA pseudo-label recipe (10 iterations; Gaussian sxy 3 / compat 3; bilateral sxy 80,
-    srgb 13, compat 10), written for ~500 px VOC images. A compat of 0 drops that kernel.
+    Defaults were measured on the 96 px synthetic benchmark (docs/refine.md): the PSA pseudo-label recipe
+    (Gaussian 3 / 3; bilateral sxy 80, srgb 13, compat 10; for ~500 px VOC images) with a weaker bilateral
+    term (compat 4, as in the AFA / DeepLab test-time recipes), a colour std of 8 and sxy 40 (about half the
+    image). A compat of 0 drops that kernel.
     """
 
     iterations: Annotated[int, Field(ge=1, le=100)] = 10
     gauss_sxy: PositiveFloat = 3.0
     gauss_compat: Annotated[float, Field(ge=0)] = 3.0
-    bilateral_sxy: PositiveFloat = 80.0
-    bilateral_srgb: PositiveFloat = 13.0
-    bilateral_compat: Annotated[float, Field(ge=0)] = 10.0
+    bilateral_sxy: PositiveFloat = 40.0
+    bilateral_srgb: PositiveFloat = 8.0
+    bilateral_compat: Annotated[float, Field(ge=0)] = 4.0
 
 
 SeedMapName = Literal["auto", "cam", "rcam"]
@@ -190,7 +192,7 @@ class AffinityLabelParams(Section):
     bg_score: Probability = 0.30
     fg_alpha: PositiveFloat = 4.0
     bg_alpha: PositiveFloat = 32.0
-    crf: CrfParams = CrfParams()
+    crf: CrfParams = CrfParams(iterations=5)
 
     @model_validator(mode="after")
     def _order(self) -> AffinityLabelParams:
@@ -205,9 +207,9 @@ class AffinityNetParams(Section):
     """The AffinityNet: a timm ``features_only`` backbone, its feature levels and the embedding widths."""
 
     backbone: str = "regnetx_002"
-    out_indices: tuple[Annotated[int, Field(ge=0, le=5)], ...] = (1, 2, 3)
-    projection_dims: tuple[PositiveInt, ...] = (32, 64, 128)
-    feature_dim: PositiveInt = 128
+    out_indices: tuple[Annotated[int, Field(ge=0, le=5)], ...] = (1, 2)
+    projection_dims: tuple[PositiveInt, ...] = (32, 64)
+    feature_dim: PositiveInt = 64
     pretrained: str = "none"
 
     @model_validator(mode="after")
@@ -222,11 +224,11 @@ class AffinityNetParams(Section):
 class TrainAffParams(Section):
     """AffinityNet training on affinity labels derived from the seeds (``train_aff``)."""
 
-    seed_map: SeedMapName = "auto"
+    seed_map: SeedMapName = "cam"
     labels: AffinityLabelParams = AffinityLabelParams()
     model: AffinityNetParams = AffinityNetParams()
-    radius: Annotated[int, Field(ge=2, le=16)] = 5
-    epochs: PositiveInt = 5
+    radius: Annotated[int, Field(ge=2, le=16)] = 3
+    epochs: PositiveInt = 3
     batch_size: PositiveInt = 16
     lr: PositiveFloat = 1e-3
     head_lr_mult: PositiveFloat = 10.0
@@ -259,7 +261,7 @@ class RefineParams(Section):
     """Seeds -> pseudo labels (``refine``)."""
 
     method: Literal["none", "crf", "psa", "psa_crf"] = "crf"
-    seed_map: SeedMapName = "auto"
+    seed_map: SeedMapName = "cam"
     bg_threshold: Probability = 0.45
     ignore_band: tuple[Probability, Probability] | None = None
     crf: CrfParams = CrfParams()

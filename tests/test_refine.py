@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from pipeline.refine.affinity import (
     radius_offsets,
     shifted,
 )
+from pipeline.refine.parallel import resolve_workers
 from pipeline.refine.pseudo_labels import AffinityModel, pseudo_label, pseudo_labels
 from pipeline.refine.random_walk import random_walk, transition_matrix, walk_seed_scores
 from pipeline.refine.seeds import choose_seed_map, threshold_labels, with_constant_background, with_power_background
@@ -235,6 +238,11 @@ def test_pseudo_label_methods_use_only_the_image_classes(method, tiny_affinity_m
     labels = pseudo_label(image, maps, keys, params, net)
     assert labels.shape == image.shape[:2] and labels.dtype == np.uint8
     assert set(np.unique(labels)) <= {0, 1, 3}
+
+
+def test_resolve_workers():
+    assert resolve_workers(3) == 3
+    assert 1 <= resolve_workers(0) <= (os.cpu_count() or 1)
 
 
 def test_pool_gives_the_serial_labels():

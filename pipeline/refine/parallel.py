@@ -13,8 +13,11 @@ import torch
 
 
 def resolve_workers(workers: int) -> int:
-    """``0`` means one worker per CPU core (``os.cpu_count()``)."""
-    return workers if workers > 0 else max(1, os.cpu_count() or 1)
+    """``0`` means one worker per CPU core this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    if workers > 0:
+        return workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
 
 
 def single_threaded() -> None:

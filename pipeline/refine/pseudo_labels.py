@@ -8,6 +8,8 @@ thresholded seeds they come from, and a gallery.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +124,12 @@ def _job(job: tuple) -> np.ndarray:
     return pseudo_label(image, maps, keys, _WORKER["params"], _WORKER["affinity"])
 
 
-def pseudo_labels(jobs, params: RefineParams, model_dir: Path | None, workers: int):
+def pseudo_labels(
+    jobs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    params: RefineParams,
+    model_dir: Path | None,
+    workers: int,
+) -> Iterator[np.ndarray]:
     """Pseudo labels for ``(image, maps, keys)`` jobs, in order, computed by ``workers`` processes.
 
     Args:
@@ -194,7 +201,7 @@ def refine_pseudo_labels(
     try:
         seed_map = choose_seed_map(list(store.load(ids[0])), params.seed_map) if ids else "cam"
     except ValueError as exc:
-        raise DatasetError(f"{cams_dir}: {exc}") from None
+        raise DatasetError(f"{cams_dir}: {exc} (refine.seed_map)") from None
     model_dir = aff_dir if params.method in PSA_METHODS else None
     if model_dir is not None:
         load_affinity_model(model_dir)  # fail early, in this process, with a clear message
@@ -210,6 +217,7 @@ def refine_pseudo_labels(
     live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
     live.log_params({"seed_map": seed_map, "workers": workers})
     scores = _Scores(data.num_classes)
+    started = time.perf_counter()
     bar = tqdm(total=len(ids), desc=f"refine ({params.method})", unit="img", disable=None, mininterval=2)
     for index, (image_id, label) in enumerate(zip(ids, pseudo_labels(jobs(), params, model_dir, workers), strict=True)):
         save_label_png(out_dir / f"{image_id}.png", label, data.palette)
@@ -223,6 +231,7 @@ def refine_pseudo_labels(
                 live.log_image(f"gallery/{index:02d}_{image_id}.png", Image.fromarray(row))
         bar.update()
     bar.close()
+    log.info("refine: %d pseudo labels in %.1f s", len(ids), time.perf_counter() - started)
     keep = set(ids)
     for stale in out_dir.glob("*.png"):
         if stale.stem not in keep:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline import train
 from pipeline.config import StageParams, TrainAffParams
 from pipeline.data.datasets import normalize
-from pipeline.data.layout import PreparedDataset
+from pipeline.data.layout import DatasetError, PreparedDataset
 from pipeline.io import IGNORE, CamStore, write_json
 from pipeline.models.affinitynet import AffinityNet
 from pipeline.refine.affinity import (
@@ -53,8 +53,14 @@ def make_affinity_labels(
 
     Returns:
         ``(labels, seed_map)``: one (H, W) uint8 map per id, and the resolved seed map name.
+
+    Raises:
+        DatasetError: If the requested seed map is not in the store.
     """
-    seed_map = choose_seed_map(list(store.load(ids[0])), cfg.seed_map)
+    try:
+        seed_map = choose_seed_map(list(store.load(ids[0])), cfg.seed_map)
+    except ValueError as exc:
+        raise DatasetError(f"{store.directory}: {exc} (train_aff.seed_map)") from None
 
     def jobs():
         for image_id in ids:
@@ -62,12 +68,20 @@ def make_affinity_labels(
             yield data.load_image(image_id), entry[seed_map].astype(np.float32), entry["keys"], cfg
 
     workers = resolve_workers(cfg.label_workers)
+    started = time.perf_counter()
     bar = tqdm(total=len(ids), desc="affinity labels", unit="img", disable=None, mininterval=2)
     labels = []
     for result in map_ordered(_label_job, jobs(), workers):
         labels.append(result)
         bar.update()
     bar.close()
+    log.info(
+        "affinity labels (%s seeds) for %d images in %.1f s with %d process(es)",
+        seed_map,
+        len(ids),
+        time.perf_counter() - started,
+        workers,
+    )
     return labels, seed_map
 
 
