@@ -42,6 +42,16 @@ TINY_OVERRIDES: dict[str, Any] = {
         "device": "cpu",
     },
     "cams": {"scales": [1.0, 0.5], "gallery_size": 2, "shard_size": 8, "device": "cpu", "threads": 1},
+    "train_seg": {
+        "decoder_channels": 8,
+        "epochs": 2,
+        "batch_size": 4,
+        "crop_size": 32,
+        "warmup_epochs": 0.5,
+        "device": "cpu",
+        "threads": 1,
+    },
+    "evaluate": {"scales": [1.0, 0.5], "gallery_size": 2, "device": "cpu", "threads": 1},
 }
 
 
