@@ -282,15 +282,15 @@ class TrainSegParams(Section):
     """DeepLab training on pseudo labels (``train_seg``), built through segmentation-models-pytorch."""
 
     arch: Literal["deeplabv3plus", "deeplabv3"] = "deeplabv3plus"
-    encoder: str = "resnet18"
+    encoder: str = "tu-mobilenetv3_small_050"
     encoder_weights: str = "none"
     output_stride: Literal[8, 16] = 16
-    decoder_channels: PositiveInt = 256
+    decoder_channels: PositiveInt = 32
     split: Literal["train", "train_aug"] = "train"
-    epochs: PositiveInt = 12
+    epochs: PositiveInt = 8
     batch_size: Annotated[int, Field(ge=2)] = 16
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: PositiveFloat = 1e-3
+    lr: PositiveFloat = 2e-3
     head_lr_mult: PositiveFloat = 1.0
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import train
-from pipeline.config import StageParams
+from pipeline.config import StageParams, TrainSegParams
 from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.data.seg_datasets import SegmentationTrainSet, labels_fingerprint
@@ -77,7 +77,7 @@ def _meta(params: StageParams, data: PreparedDataset) -> dict[str, Any]:
     }
 
 
-def _make_optimizer(cfg, model: Segmenter) -> torch.optim.Optimizer:
+def _make_optimizer(cfg: TrainSegParams, model: Segmenter) -> torch.optim.Optimizer:
     groups = train.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=cfg.momentum)
