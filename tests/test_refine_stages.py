@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_OVERRIDES, tiny_params_dict, write_params
+from conftest import tiny_params_dict, write_params
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -15,8 +15,6 @@ from pipeline.config import StageParams, load_params
 from pipeline.io import load_label_png
 from pipeline.refine import train_aff
 from stages.cli import app
-
-REFINE_TINY = {section: TINY_OVERRIDES[section] for section in ("train_aff", "refine")}
 
 
 def invoke(*args):
@@ -48,7 +46,7 @@ def refine_args(root: Path, params: Path, out: str = "pseudo") -> list:
 def tiny_run(tmp_path_factory) -> Path:
     """prepare -> train_cls -> cams -> train_aff -> refine on tiny params; returns the output root."""
     root = tmp_path_factory.mktemp("refine")
-    params = write_params(root / "params.yaml", tiny_params_dict(**REFINE_TINY))
+    params = write_params(root / "params.yaml", tiny_params_dict())
     upstream = {
         "prepare": ["--out", root / "prepared"],
         "train_cls": ["--data", root / "prepared", "--model-dir", root / "cls", "--results", root / "results/cls",
@@ -69,7 +67,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def test_train_aff_artifacts(tiny_run):
     meta = json.loads((tiny_run / "aff/meta.json").read_text())
-    assert meta["radius"] == 3 and meta["stride"] == 4 and meta["seed_map"] == "rcam"
+    assert meta["radius"] == 3 and meta["stride"] == 4 and meta["seed_map"] == "cam"
     assert meta["model"]["out_indices"] == [1, 2]
     assert load_file(tiny_run / "aff/model.safetensors")
     metrics = json.loads((tiny_run / "results/train_aff/metrics.json").read_text())
@@ -104,7 +102,7 @@ def test_refine_metrics_and_gallery(tiny_run):
 
 def test_refine_none_with_ignore_band_needs_no_affinity_model(tiny_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    raw = tiny_params_dict(**REFINE_TINY)
+    raw = tiny_params_dict()
     raw["refine"].update({"method": "none", "bg_threshold": 0.45, "ignore_band": [0.2, 0.7], "workers": 1})
     params = write_params(tmp_path / "params.yaml", raw)
     args = refine_args(tiny_run, params, out="none")
@@ -117,7 +115,7 @@ def test_refine_none_with_ignore_band_needs_no_affinity_model(tiny_run, tmp_path
 
 
 def test_refine_psa_without_affinity_model_names_train_aff(tiny_run, tmp_path):
-    params = write_params(tmp_path / "params.yaml", tiny_params_dict(**REFINE_TINY))
+    params = write_params(tmp_path / "params.yaml", tiny_params_dict())
     args = refine_args(tiny_run, params, out="x")
     args[args.index("--aff-dir") + 1] = tmp_path / "missing"
     line = one_error_line(invoke("refine", *args))
@@ -126,7 +124,7 @@ def test_refine_psa_without_affinity_model_names_train_aff(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("stage", ["train_aff", "refine"])
 def test_missing_cams_name_the_cams_stage(tiny_run, tmp_path, stage):
-    params = write_params(tmp_path / "params.yaml", tiny_params_dict(**REFINE_TINY))
+    params = write_params(tmp_path / "params.yaml", tiny_params_dict())
     args = aff_args(tiny_run, params) if stage == "train_aff" else refine_args(tiny_run, params, out="x")
     args[args.index("--cams") + 1] = tmp_path / "no_cams"
     line = one_error_line(invoke(stage, *args))
@@ -134,7 +132,7 @@ def test_missing_cams_name_the_cams_stage(tiny_run, tmp_path, stage):
 
 
 def test_bad_refine_params_exit_2(tiny_run, tmp_path):
-    raw = tiny_params_dict(**REFINE_TINY)
+    raw = tiny_params_dict()
     raw["refine"]["method"] = "magic"
     params = write_params(tmp_path / "params.yaml", raw)
     line = one_error_line(invoke("refine", *refine_args(tiny_run, params, out="x")))
@@ -143,7 +141,7 @@ def test_bad_refine_params_exit_2(tiny_run, tmp_path):
 
 def test_train_aff_resumes_to_the_same_weights(tiny_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params_path = write_params(tmp_path / "params.yaml", tiny_params_dict(**REFINE_TINY))
+    params_path = write_params(tmp_path / "params.yaml", tiny_params_dict())
     params = StageParams(load_params(params_path), ("seed", "data", "train_aff"))
     inputs = (tiny_run / "prepared", tiny_run / "cams")
 

@@ -47,7 +47,7 @@ def _quiet_and_single_threaded():
 def workspace(tmp_path_factory) -> Path:
     """A tiny prepared dataset, pseudo labels (the ground truth, 255 kept) and a params file."""
     root = tmp_path_factory.mktemp("seg")
-    raw = tiny_params_dict(train_seg=TINY_SEG, evaluate=TINY_EVAL)
+    raw = tiny_params_dict()
     cfg = Params.model_validate(raw)
     prepare(cfg.data, cfg.seed, root / "prepared")
     data = PreparedDataset.open(root / "prepared")
