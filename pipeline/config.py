@@ -34,7 +34,7 @@ class Section(BaseModel):
 class SyntheticParams(Section):
     """Size and difficulty of the embedded synthetic benchmark (see README, "The synthetic benchmark")."""
 
-    num_train: PositiveInt = 1200
+    num_train: PositiveInt = 1000
     num_val: PositiveInt = 300
     image_size: Annotated[int, Field(ge=32, le=1024)] = 96
     min_objects: PositiveInt = 1
@@ -93,7 +93,7 @@ class ModelParams(Section):
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.1
     final_norm: bool = True
     head_kernel: Literal[1, 3] = 3
-    hff_dims: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (64, 64, 128, 128)
+    hff_dims: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (32, 32, 64, 64)
     detach_hff_inputs: bool = True
     bg_iou_scale: Annotated[float, Field(gt=0, le=1)] = 0.5
 
@@ -101,7 +101,7 @@ class ModelParams(Section):
 class TrainClsParams(Section):
     """Classifier fine-tuning (``train_cls``)."""
 
-    epochs: PositiveInt = 20
+    epochs: PositiveInt = 18
     batch_size: PositiveInt = 16
     lr: PositiveFloat = 1e-3
     head_lr_mult: PositiveFloat = 10.0
@@ -262,7 +262,7 @@ class RefineParams(Section):
 
     method: Literal["none", "crf", "psa", "psa_crf"] = "crf"
     seed_map: SeedMapName = "cam"
-    bg_threshold: Probability = 0.45
+    bg_threshold: Probability | None = 0.45
     ignore_band: tuple[Probability, Probability] | None = None
     crf: CrfParams = CrfParams()
     psa: PsaParams = PsaParams()
@@ -273,8 +273,8 @@ class RefineParams(Section):
     def _band(self) -> RefineParams:
         if self.ignore_band is not None:
             low, high = self.ignore_band
-            if not low <= self.bg_threshold <= high:
-                raise ValueError("ignore_band must be [low, high] with low <= bg_threshold <= high")
+            if self.bg_threshold is None or not low <= self.bg_threshold <= high:
+                raise ValueError("ignore_band needs a numeric bg_threshold in [low, high]")
         return self
 
 

@@ -22,7 +22,13 @@ from pipeline.refine.affinity import (
 from pipeline.refine.parallel import resolve_workers
 from pipeline.refine.pseudo_labels import AffinityModel, pseudo_label, pseudo_labels
 from pipeline.refine.random_walk import random_walk, transition_matrix, walk_seed_scores
-from pipeline.refine.seeds import choose_seed_map, threshold_labels, with_constant_background, with_power_background
+from pipeline.refine.seeds import (
+    choose_seed_map,
+    seed_scores,
+    threshold_labels,
+    with_constant_background,
+    with_power_background,
+)
 
 NO_PAIRWISE = CrfParams(gauss_compat=0, bilateral_compat=0, iterations=1)
 
@@ -44,6 +50,15 @@ def test_threshold_labels_with_ignore_band():
     np.testing.assert_array_equal(threshold_labels(maps, keys, 0.45, (0.35, 0.6)), [[0, 255, 255, 2]])
     # a score equal to the threshold is background (ties go to background, like the cams sweep)
     np.testing.assert_array_equal(threshold_labels(maps, keys, 0.6), [[0, 0, 0, 2]])
+
+
+def test_stored_background_is_the_argmax_protocol():
+    keys = np.array([0, 2, 5])
+    maps = np.array([[[0.9, 0.3, 0.5]], [[0.1, 0.6, 0.5]], [[0.2, 0.1, 0.2]]], np.float32)  # (3, 1, 3)
+    # argmax over [stored bg ; classes]; a tie (0.5 = 0.5) goes to the first channel, background
+    np.testing.assert_array_equal(threshold_labels(maps, keys, None), [[0, 2, 0]])
+    np.testing.assert_array_equal(seed_scores(maps, None), maps)
+    np.testing.assert_allclose(seed_scores(maps, 0.4)[0], [[0.4, 0.4, 0.4]])
 
 
 def test_threshold_labels_background_only_image():
@@ -263,6 +278,7 @@ def test_pool_gives_the_serial_labels():
         (RefineParams, {"method": "magic"}),
         (RefineParams, {"bg_threshold": 1.5}),
         (RefineParams, {"bg_threshold": 0.45, "ignore_band": [0.5, 0.6]}),  # band must contain the threshold
+        (RefineParams, {"bg_threshold": None, "ignore_band": [0.3, 0.6]}),  # a band needs a constant threshold
         (RefineParams, {"psa": {"logt": -1}}),
         (RefineParams, {"workers": -1}),
         (RefineParams, {"crf": {"iterations": 0}}),

@@ -37,7 +37,8 @@ class ObjectClass:
         part: Shape of the discriminative mark: ``disk``, ``square`` or ``bar``.
         part_color: RGB colour of the mark.
         context: Index into ``TEXTURES`` of the background this class usually sits on.
-        body_color: Index into ``BODY_PALETTE`` of the class's typical body colour.
+        body_color: Index into ``BODY_PALETTE`` of the class's typical body colour; it stands out from the
+            class's usual background (a camouflaged body would leave the class only its mark).
     """
 
     name: str
@@ -55,8 +56,8 @@ CLASSES = (
     ObjectClass("boat", "trapezoid", "bar", (250, 250, 250), context=1, body_color=1),
     ObjectClass("turtle", "ellipse", "square", (40, 200, 60), context=2, body_color=2),
     ObjectClass("car", "rectangle", "bar", (250, 210, 20), context=3, body_color=3),
-    ObjectClass("beetle", "ellipse", "disk", (220, 40, 220), context=4, body_color=4),
-    ObjectClass("sign", "rectangle", "square", (30, 220, 230), context=5, body_color=5),
+    ObjectClass("beetle", "ellipse", "disk", (220, 40, 220), context=4, body_color=5),
+    ObjectClass("sign", "rectangle", "square", (30, 220, 230), context=5, body_color=4),
 )
 
 # How far above the body centre the mark sits, in units of the vertical half-extent (it stays inside the body).
@@ -76,6 +77,9 @@ BODY_PALETTE = np.array(
     ],
     dtype=np.float32,
 )
+
+# A body colour closer than this (RGB distance) to the background's mean colour is not used on it.
+MIN_BODY_CONTRAST = 60.0
 
 
 # VOC's colour map for label ids 0..N; 255 (ignore) is drawn white-ish like VOC's void colour.
@@ -217,8 +221,8 @@ def generate_sample(index: int, seed: int, spec: SyntheticParams) -> tuple[np.nd
         rx, ry = scale * rng.uniform(0.8, 1.25), scale * rng.uniform(0.8, 1.25)
         cx, cy = rng.uniform(0.15, 0.85) * size, rng.uniform(0.2, 0.85) * size
         angle = rng.uniform(-0.35, 0.35)
-        distances = np.linalg.norm(BODY_PALETTE - background_mean, axis=1)
-        candidates = np.flatnonzero(distances > 60) if (distances > 60).any() else np.arange(len(BODY_PALETTE))
+        visible = np.linalg.norm(BODY_PALETTE - background_mean, axis=1) > MIN_BODY_CONTRAST
+        candidates = np.flatnonzero(visible) if visible.any() else np.arange(len(BODY_PALETTE))
         typical = cls.body_color in candidates and rng.random() < spec.body_color_bias
         body_color = BODY_PALETTE[cls.body_color if typical else rng.choice(candidates)] + rng.normal(0, 8, 3)
         body = _fill(size, _polygon(cls.body, cx, cy, rx, ry, angle))

@@ -34,8 +34,8 @@ from pipeline.refine.seeds import (
     argmax_labels,
     choose_seed_map,
     open_cam_store,
+    seed_scores,
     threshold_labels,
-    with_constant_background,
 )
 from pipeline.viz import label_gallery_row
 
@@ -83,7 +83,7 @@ def pseudo_label(
 
     Args:
         image: (H, W, 3) uint8 RGB.
-        maps: (K, H, W) seed maps (channel 0 background, replaced by ``params.bg_threshold``).
+        maps: (K, H, W) seed maps (channel 0 background, replaced by ``params.bg_threshold`` unless it is None).
         keys: (K,) class ids of the channels (background + the image's classes: the CRF's label set).
         params: The ``refine`` section.
         affinity: The AffinityNet, for ``psa`` and ``psa_crf``.
@@ -93,7 +93,7 @@ def pseudo_label(
     """
     if params.method == "none":
         return threshold_labels(maps, keys, params.bg_threshold, params.ignore_band)
-    scores = with_constant_background(maps, params.bg_threshold)  # (K, H, W)
+    scores = seed_scores(maps, params.bg_threshold)  # (K, H, W)
     if params.method in PSA_METHODS:
         if affinity is None:
             raise ValueError(f"refine.method={params.method} needs the affinity model")

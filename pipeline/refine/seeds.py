@@ -68,24 +68,43 @@ def with_power_background(maps: np.ndarray, alpha: float) -> np.ndarray:
     return scores
 
 
+def seed_scores(maps: np.ndarray, bg_threshold: float | None) -> np.ndarray:
+    """Seed scores ``[bg ; M_c]``: a constant background score, or (``None``) the stored background channel.
+
+    Args:
+        maps: (K, H, W) stored maps, channel 0 = background.
+        bg_threshold: Constant background score, or ``None`` to keep the stored background (R-CAM's
+            background prototype for V2; ``1 - max_c M_c`` for CAM).
+
+    Returns:
+        (K, H, W) float32 scores.
+    """
+    if bg_threshold is None:
+        return np.array(maps, dtype=np.float32)
+    return with_constant_background(maps, bg_threshold)
+
+
 def threshold_labels(
-    maps: np.ndarray, keys: np.ndarray, bg_threshold: float, ignore_band: tuple[float, float] | None = None
+    maps: np.ndarray, keys: np.ndarray, bg_threshold: float | None, ignore_band: tuple[float, float] | None = None
 ) -> np.ndarray:
     """Seed labels: the best foreground class where its score exceeds the threshold, else background.
 
-    Ties go to background (a score equal to the threshold is background), like the ``cams`` sweep.
+    Ties go to background (a score equal to the threshold is background), like the ``cams`` sweep. With
+    ``bg_threshold=None`` the labels are the argmax over the stored channels (``cams``' argmax protocol).
 
     Args:
-        maps: (K, H, W) stored maps, channel 0 = background (ignored here), channels 1.. = classes ``keys[1:]``.
+        maps: (K, H, W) stored maps, channel 0 = background, channels 1.. = classes ``keys[1:]``.
         keys: (K,) class ids of the channels, ``keys[0] == 0``.
-        bg_threshold: Constant background score.
-        ignore_band: Optional ``(low, high)``: pixels whose best foreground score ``s`` has
-            ``low < s <= high`` become 255 (uncertain).
+        bg_threshold: Constant background score, or ``None`` for the stored background channel.
+        ignore_band: Optional ``(low, high)``, constant threshold only: pixels whose best foreground score
+            ``s`` has ``low < s <= high`` become 255 (uncertain).
 
     Returns:
         (H, W) uint8 class ids, 255 = ignore.
     """
     keys = np.asarray(keys)
+    if bg_threshold is None:
+        return argmax_labels(maps, keys)
     if len(keys) == 1:
         return np.zeros(maps.shape[1:], np.uint8)
     fg = np.asarray(maps[1:], dtype=np.float32)  # (K-1, H, W)
