@@ -74,9 +74,16 @@ class SeedEvaluator:
         else:
             fg_score = maps[1:].max(0)
             fg_label = keys[1:][maps[1:].argmax(0)]
-        for i, t in enumerate(self.thresholds):
-            pred = np.where(fg_score > t, fg_label, 0)
-            self.sweep_confusions[i] += confusion_matrix(pred, gt, self.num_classes)
+        # one histogram instead of one confusion matrix per threshold: a pixel is foreground at t_i iff i < k,
+        # k = the number of thresholds below its best foreground score
+        n, count = self.num_classes, len(self.thresholds)
+        keep = gt.reshape(-1) != IGNORE
+        truth = gt.reshape(-1)[keep].astype(np.int64)
+        k = np.searchsorted(self.thresholds, fg_score.reshape(-1)[keep].astype(np.float64), side="left")
+        cells = (k * n + truth) * n + fg_label.reshape(-1)[keep]
+        hist = np.bincount(cells, minlength=(count + 1) * n * n).reshape(count + 1, n, n)  # (T+1, gt, fg label)
+        self.sweep_confusions += hist[::-1].cumsum(0)[::-1][1:]  # (T, n, n): still foreground at t_i
+        self.sweep_confusions[:, :, 0] += hist.cumsum(0)[:-1].sum(2)  # (T, n): background at t_i, by gt row
 
     def summary(self) -> dict[str, object]:
         """Return mIoU and per-class IoU for both protocols and the best threshold of the sweep."""

@@ -171,3 +171,20 @@ def test_classification_map_skips_class_without_positives():
     result = classification_map(scores, targets)
     assert result["map_classwise"] == pytest.approx(1.0)
     assert result["map_samplewise"] == pytest.approx(1.0)
+
+
+def test_seed_evaluator_sweep_equals_one_confusion_per_threshold():
+    rng = np.random.default_rng(0)
+    grid = threshold_grid(0.6, 0.01)
+    evaluator = SeedEvaluator(5, grid)
+    expected = np.zeros_like(evaluator.sweep_confusions)
+    for _ in range(3):
+        keys = np.array([0, 2, 4])
+        maps = rng.random((3, 16, 16)).astype(np.float32)
+        maps[1, 0, :4] = grid[:4]  # scores exactly on thresholds: a tie is background
+        gt = rng.choice([0, 2, 4, 255], size=(16, 16)).astype(np.uint8)
+        evaluator.add(maps, keys, gt)
+        fg_score, fg_label = maps[1:].max(0), keys[1:][maps[1:].argmax(0)]
+        for i, t in enumerate(grid):
+            expected[i] += confusion_matrix(np.where(fg_score > t, fg_label, 0), gt, 5)
+    np.testing.assert_array_equal(evaluator.sweep_confusions, expected)
