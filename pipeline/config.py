@@ -90,7 +90,7 @@ class ModelParams(Section):
     backbone: str = "small"
     swin: SwinParams = SwinParams()
     pretrained: str = "none"
-    drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
     final_norm: bool = True
     head_kernel: Literal[1, 3] = 3
     hff_dims: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (32, 32, 64, 64)
