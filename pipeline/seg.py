@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline import train
+from pipeline.errors import UserError
 from pipeline.io import IGNORE, atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ META_FORMAT = "wsss-seg/1"
 PROBE_TIMEOUT_S = 3.0
 
 
-class SegModelError(ValueError):
+class SegModelError(UserError, ValueError):
     """A segmentation model that cannot be built or loaded; the message is one line for the user."""
 
 

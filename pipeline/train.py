@@ -17,12 +17,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message is one line for the user."""
 
 

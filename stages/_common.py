@@ -10,14 +10,9 @@ from typing import Annotated
 
 import typer
 
-from pipeline.config import ConfigError, StageParams, load_sections
-from pipeline.data.download import DownloadError
-from pipeline.data.layout import DatasetError
-from pipeline.models.pretrained import PretrainedError
-from pipeline.seg import SegModelError
-from pipeline.train import TrainingError
+from pipeline.config import StageParams, load_sections
+from pipeline.errors import UserError
 
-USER_ERRORS = (ConfigError, DatasetError, TrainingError, PretrainedError, DownloadError, SegModelError)
 EXIT_USAGE = 2
 
 ParamsOption = Annotated[
@@ -46,6 +41,6 @@ def user_errors() -> Iterator[None]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         yield
-    except USER_ERRORS as exc:
+    except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cam import generate_cams
 from stages._common import ParamsOption, stage_params
 
 SECTIONS = ("cams",)
@@ -21,6 +20,8 @@ def main(
     results: Annotated[Path, typer.Option(help="dvclive directory (metrics, gallery).")] = Path("results/cams"),
 ) -> None:
     """Generate seeds for the split in cams.split and evaluate them against the ground truth."""
+    from pipeline.cam import generate_cams  # imported here: torch loads only when a stage runs
+
     with stage_params(params, SECTIONS) as p:
         metrics = generate_cams(p.cams, data, model_dir, out, results)
         typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

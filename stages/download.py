@@ -13,7 +13,6 @@ from typing import Annotated
 import typer
 
 from pipeline.data.sources import download_dataset
-from pipeline.models.pretrained import save_state_dict, timm_state_dict
 from stages._common import ParamsOption, stage_params, user_errors
 
 SECTIONS = ("data",)
@@ -43,8 +42,10 @@ def weights(
     out: Annotated[Path, typer.Option(help="Output .safetensors file (usable as model.pretrained).")],
 ) -> None:
     """Save a timm pretrained backbone as a .safetensors file, for machines without network."""
+    from pipeline.models import pretrained  # imported here: timm loads only when the command runs
+
     with user_errors():
-        path = save_state_dict(timm_state_dict(tag), out)
+        path = pretrained.save_state_dict(pretrained.timm_state_dict(tag), out)
         typer.echo(f"saved {tag} to {path}")
 
 

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline.evaluate import evaluate_segmenter
 from stages._common import ParamsOption, stage_params
 
 SECTIONS = ("evaluate",)
@@ -22,6 +21,8 @@ def main(
     ),
 ) -> None:
     """Evaluate the model on evaluate.split against the ground-truth masks."""
+    from pipeline.evaluate import evaluate_segmenter  # imported here: torch loads only when a stage runs
+
     with stage_params(params, SECTIONS) as p:
         metrics = evaluate_segmenter(p.evaluate, data, model_dir, results)
         typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("/miou")))

@@ -8,9 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.predict import predict_images
-from pipeline.seg import SegModelError
-from pipeline.train import TrainingError
+from pipeline.errors import UserError
 from stages._common import EXIT_USAGE
 
 EXIT_FAILED_INPUTS = 1
@@ -34,9 +32,11 @@ def main(
     if device not in ("auto", "cpu", "cuda") or any(s <= 0 for s in scales):
         _error("--device must be auto, cpu or cuda and --scales positive")
         raise typer.Exit(EXIT_USAGE)
+    from pipeline.predict import predict_images  # imported here: torch loads only when the command runs
+
     try:
         report = predict_images(images, out, model_dir, tuple(scales), flip, device, threads, on_error=_error)
-    except (SegModelError, TrainingError) as exc:
+    except UserError as exc:
         _error(str(exc))
         raise typer.Exit(EXIT_USAGE) from None
     typer.echo(f"wrote {len(report.written)} predictions to {out}")

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline.data.prepare import prepare
 from stages._common import ParamsOption, stage_params
 
 SECTIONS = ("seed", "data")
@@ -18,6 +17,8 @@ def main(
     out: Annotated[Path, typer.Option(help="Output directory (replaced).")] = Path("data/prepared"),
 ) -> None:
     """Generate (synthetic) or convert the dataset into images, masks, split lists and labels."""
+    from pipeline.data.prepare import prepare  # imported here: torch loads only when a stage runs
+
     with stage_params(params, SECTIONS) as p:
         data = prepare(p.data, p.seed, out)
         counts = ", ".join(f"{s}={len(data.split(s))}" for s in ("train", "train_aug", "val"))

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline.refine.pseudo_labels import refine_pseudo_labels
 from stages._common import ParamsOption, stage_params
 
 SECTIONS = ("refine",)
@@ -24,6 +23,8 @@ def main(
     results: Annotated[Path, typer.Option(help="dvclive directory (metrics, gallery).")] = Path("results/refine"),
 ) -> None:
     """Turn the stored seeds into pseudo labels by refine.method and score them against the ground truth."""
+    from pipeline.refine.pseudo_labels import refine_pseudo_labels  # imported here: torch loads only when a stage runs
+
     with stage_params(params, SECTIONS) as p:
         metrics = refine_pseudo_labels(p.refine, data, cams, aff_dir, out, results)
         typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/iou/" not in k))

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline.refine.train_aff import train_affinity_net
 from stages._common import ParamsOption, stage_params
 
 SECTIONS = ("seed", "data", "train_aff")
@@ -24,6 +23,8 @@ def main(
     ),
 ) -> None:
     """Derive confident affinity labels from the seeds (two CRFs) and train the AffinityNet on them."""
+    from pipeline.refine.train_aff import train_affinity_net  # imported here: torch loads only when a stage runs
+
     with stage_params(params, SECTIONS) as p:
         metrics = train_affinity_net(p, data, cams, model_dir, results, checkpoint)
         typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

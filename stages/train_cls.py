@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline.train_cls import train_classifier
 from stages._common import ParamsOption, stage_params
 
 SECTIONS = ("seed", "data", "model", "train_cls", "loss")
@@ -23,6 +22,8 @@ def main(
     ),
 ) -> None:
     """Train on image-level labels; resumes from --checkpoint if it matches the configuration."""
+    from pipeline.train_cls import train_classifier  # imported here: torch loads only when a stage runs
+
     with stage_params(params, SECTIONS) as p:
         metrics = train_classifier(p, data, model_dir, results, checkpoint)
         if metrics:

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline.train_seg import train_segmenter
 from stages._common import ParamsOption, stage_params
 
 SECTIONS = ("seed", "data", "train_seg")
@@ -26,6 +25,8 @@ def main(
     ),
 ) -> None:
     """Train on the pseudo labels of train_seg.split; resumes from --checkpoint if it matches."""
+    from pipeline.train_seg import train_segmenter  # imported here: torch loads only when a stage runs
+
     with stage_params(params, SECTIONS) as p:
         metrics = train_segmenter(p, data, pseudo_labels, model_dir, results, checkpoint)
         if metrics:

@@ -164,10 +164,21 @@ def _params_variable_of(function) -> str:
 
 def _library_calls(module) -> list:
     """The ``pipeline.*`` functions that the stage's ``main`` calls."""
-    tree = ast.parse(inspect.getsource(module.main))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(module.main)))
     names = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
-    callees = [getattr(module, n, None) for n in sorted(names)]
+    scope = {**vars(module), **_local_imports(tree)}
+    callees = [scope.get(n) for n in sorted(names)]
     return [c for c in callees if inspect.isfunction(c) and c.__module__.startswith("pipeline.")]
+
+
+def _local_imports(tree: ast.AST) -> dict[str, object]:
+    """Names bound by ``from module import name`` inside a function (stages import the library lazily)."""
+    return {
+        alias.asname or alias.name: getattr(importlib.import_module(node.module), alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+    }
 
 
 def _called_with_params(module) -> dict[str, object]:
@@ -178,7 +189,7 @@ def _called_with_params(module) -> dict[str, object]:
 def _calls_passing(function, variable: str) -> dict[str, object]:
     """Functions that ``function`` calls with its local ``variable`` as an argument -> that parameter's name."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
-    scope = function.__globals__
+    scope = {**function.__globals__, **_local_imports(tree)}
     found = {}
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.func.id == "stage_params":

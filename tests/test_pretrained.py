@@ -131,7 +131,6 @@ def test_cli_download_weights_offline_exits_2(not_cached, monkeypatch, tmp_path)
 def test_cli_download_weights_saves_a_loadable_file(monkeypatch, tmp_path):
     source = tiny(1)
     monkeypatch.setattr(pretrained, "timm_state_dict", lambda tag: source.state_dict())
-    monkeypatch.setattr("stages.download.timm_state_dict", lambda tag: source.state_dict())
     out = tmp_path / "w.safetensors"
     result = CliRunner().invoke(app, ["download-weights", TAG, "--out", str(out)])
     assert result.exit_code == 0, result.output

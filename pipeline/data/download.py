@@ -29,6 +29,7 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
+from pipeline.errors import UserError
 from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ USER_AGENT = "wsss-download/0.1"
 SKIPPED_PREFIXES = ("__MACOSX/",)  # macOS resource forks inside some zips: never wanted
 
 
-class DownloadError(ValueError):
+class DownloadError(UserError, ValueError):
     """A download that failed or did not verify; the message is one line for the user."""
 
 

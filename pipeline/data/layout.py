@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.errors import UserError
 from pipeline.io import atomic_path, load_label_png, write_json
 
 SPLITS = ("train", "train_aug", "val")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A prepared dataset that is missing or inconsistent; the message is one line for the user."""
 
 

@@ -26,6 +26,7 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PROBE_TIMEOUT = 3.0
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
     """Pretrained weights that cannot be loaded; the message is one line for the user."""
 
 
