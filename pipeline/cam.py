@@ -18,8 +18,9 @@ from pipeline import train
 from pipeline.config import CamsParams, ModelParams
 from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_batches
 from pipeline.data.layout import DatasetError, PreparedDataset
-from pipeline.io import CamWriter, read_json
+from pipeline.io import CamWriter
 from pipeline.metrics import SeedEvaluator, threshold_grid
+from pipeline.model_files import read_model_dir
 from pipeline.models.swtformer import Features, SWTformer, build_model, max_norm, with_background
 from pipeline.train_cls import evaluate_classifier
 from pipeline.viz import cam_gallery_row
@@ -33,12 +34,7 @@ def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[SWTfor
     Raises:
         DatasetError: If the model files are missing.
     """
-    model_dir = Path(model_dir)
-    weights, meta_path = model_dir / "model.safetensors", model_dir / "meta.json"
-    for path in (weights, meta_path):
-        if not path.is_file():
-            raise DatasetError(f"classifier not found: {path} is missing (run the 'train_cls' stage first)")
-    meta = read_json(meta_path)
+    weights, meta = read_model_dir(model_dir, "classifier", "train_cls", DatasetError)
     params = ModelParams.model_validate({**meta["model"], "pretrained": "none"})
     model = build_model(params, meta["num_classes"], meta["img_size"])
     model.load_state_dict(load_file(str(weights)))

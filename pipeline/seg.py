@@ -21,12 +21,13 @@ import timm
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import train
 from pipeline.errors import UserError
-from pipeline.io import IGNORE, atomic_path, read_json, write_json
+from pipeline.io import IGNORE
+from pipeline.model_files import META, read_model_dir, save_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +238,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 def save_segmenter(model: Segmenter, meta: dict[str, Any], model_dir: Path) -> None:
     """Write ``model.safetensors`` (the smp model's state dict) and ``meta.json``, each atomically."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    with atomic_path(Path(model_dir) / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
-    write_json(Path(model_dir) / "meta.json", {"format": META_FORMAT, **meta})
+    save_model_dir(model_dir, model.net, {"format": META_FORMAT, **meta})
 
 
 def load_segmenter(model_dir: Path | str, device: torch.device) -> tuple[Segmenter, dict[str, Any]]:
@@ -249,15 +247,8 @@ def load_segmenter(model_dir: Path | str, device: torch.device) -> tuple[Segment
     Raises:
         SegModelError: If a file is missing or does not match the described model.
     """
-    model_dir = Path(model_dir)
-    weights, meta_path = model_dir / "model.safetensors", model_dir / "meta.json"
-    for path in (meta_path, weights):
-        if not path.is_file():
-            raise SegModelError(
-                f"segmentation model not found: {path} is missing "
-                "(run the 'train_seg' stage first: `wsss train_seg` or `dvc repro train_seg`)"
-            )
-    meta = read_json(meta_path)
+    weights, meta = read_model_dir(model_dir, "segmentation model", "train_seg", SegModelError)
+    meta_path = Path(model_dir) / META
     if meta.get("format") != META_FORMAT:
         raise SegModelError(f"{meta_path}: not a segmentation model description (format {meta.get('format')!r})")
     model = build_segmenter(

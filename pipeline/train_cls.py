@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from dvclive import Live
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -25,9 +24,9 @@ from pipeline import train
 from pipeline.config import StageParams
 from pipeline.data.datasets import ClassificationEvalSet, ClassificationTrainSet
 from pipeline.data.layout import PreparedDataset
-from pipeline.io import write_json
 from pipeline.losses import swtformer_loss
 from pipeline.metrics import classification_map
+from pipeline.model_files import save_model_dir
 from pipeline.models.swtformer import SWTformer, build_model
 
 log = logging.getLogger(__name__)
@@ -54,22 +53,15 @@ def evaluate_classifier(model: SWTformer, loader: DataLoader, device: torch.devi
 
 
 def _save_model(model: SWTformer, params: StageParams, data: PreparedDataset, model_dir: Path) -> None:
-    model_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = model_dir / ".model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(model_dir / "model.safetensors")
-    write_json(
-        model_dir / "meta.json",
-        {
-            "model": params.model.model_dump(mode="json"),
-            "num_classes": data.num_classes - 1,
-            "img_size": params.train_cls.crop_size,
-            "mean": list(params.data.mean),
-            "std": list(params.data.std),
-            "class_names": data.class_names,
-        },
-    )
+    meta = {
+        "model": params.model.model_dump(mode="json"),
+        "num_classes": data.num_classes - 1,
+        "img_size": params.train_cls.crop_size,
+        "mean": list(params.data.mean),
+        "std": list(params.data.std),
+        "class_names": data.class_names,
+    }
+    save_model_dir(model_dir, model, meta)
 
 
 def train_classifier(

@@ -23,8 +23,9 @@ from tqdm import tqdm
 from pipeline.config import AffinityNetParams, RefineParams
 from pipeline.data.datasets import normalize
 from pipeline.data.layout import DatasetError, PreparedDataset
-from pipeline.io import IGNORE, read_json, save_label_png
+from pipeline.io import IGNORE, save_label_png
 from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
+from pipeline.model_files import read_model_dir
 from pipeline.models.affinitynet import AffinityNet
 from pipeline.refine.affinity import pair_affinities, radius_offsets
 from pipeline.refine.crf import dense_crf
@@ -65,12 +66,7 @@ def load_affinity_model(model_dir: Path | str) -> AffinityModel:
     Raises:
         DatasetError: If the model files are missing.
     """
-    model_dir = Path(model_dir)
-    weights, meta_path = model_dir / "model.safetensors", model_dir / "meta.json"
-    for path in (weights, meta_path):
-        if not path.is_file():
-            raise DatasetError(f"affinity model not found: {path} is missing (run the 'train_aff' stage first)")
-    meta = read_json(meta_path)
+    weights, meta = read_model_dir(model_dir, "affinity model", "train_aff", DatasetError)
     net = AffinityNet(AffinityNetParams.model_validate({**meta["model"], "pretrained": "none"}))
     net.load_state_dict(load_file(str(weights)))
     return AffinityModel(net.eval(), radius_offsets(meta["radius"]), tuple(meta["mean"]), tuple(meta["std"]))

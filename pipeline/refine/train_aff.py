@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from dvclive import Live
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline import train
 from pipeline.config import StageParams, TrainAffParams
 from pipeline.data.datasets import normalize
 from pipeline.data.layout import DatasetError, PreparedDataset
-from pipeline.io import IGNORE, CamStore, write_json
+from pipeline.io import IGNORE, CamStore
+from pipeline.model_files import save_model_dir
 from pipeline.models.affinitynet import AffinityNet
 from pipeline.refine.affinity import (
     affinity_loss,
@@ -152,22 +152,15 @@ def ground_truth_affinity(
 
 
 def _save_model(model: AffinityNet, params: StageParams, seed_map: str, model_dir: Path) -> None:
-    model_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = model_dir / ".model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(model_dir / "model.safetensors")
-    write_json(
-        model_dir / "meta.json",
-        {
-            "model": params.train_aff.model.model_dump(mode="json"),
-            "radius": params.train_aff.radius,
-            "stride": model.stride,
-            "seed_map": seed_map,
-            "mean": list(params.data.mean),
-            "std": list(params.data.std),
-        },
-    )
+    meta = {
+        "model": params.train_aff.model.model_dump(mode="json"),
+        "radius": params.train_aff.radius,
+        "stride": model.stride,
+        "seed_map": seed_map,
+        "mean": list(params.data.mean),
+        "std": list(params.data.std),
+    }
+    save_model_dir(model_dir, model, meta)
 
 
 def train_affinity_net(
