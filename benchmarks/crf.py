@@ -39,8 +39,8 @@ import numpy as np
 
 from pipeline.config import load_params
 from pipeline.data.layout import PreparedDataset
+from pipeline.parallel import resolve_workers
 from pipeline.refine.crf import dense_crf
-from pipeline.refine.parallel import resolve_workers
 from pipeline.refine.pseudo_labels import pseudo_labels
 from pipeline.refine.seeds import choose_seed_map, open_cam_store, with_constant_background
 

@@ -49,7 +49,12 @@ def _unflip(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def multiscale_maps(
-    model: SWTformer, images: torch.Tensor, label_mask: torch.Tensor, scales: tuple[float, ...], flip: bool
+    model: SWTformer,
+    images: torch.Tensor,
+    label_mask: torch.Tensor,
+    scales: tuple[float, ...],
+    flip: bool,
+    seed_locating: str = "structure",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CAM and (V2) R-CAM of a batch of same-size images, summed over scales and max-normalised.
 
@@ -62,6 +67,7 @@ def multiscale_maps(
         label_mask: (B, K, 1, 1) background (1) + image-level labels.
         scales: Input scales.
         flip: Add horizontally flipped copies.
+        seed_locating: How R-CAM's seeds are located (``structure`` | ``cam``, see :meth:`SWTformer.maps`).
 
     Returns:
         ``(cam, rcam)``: (B, C, H, W) CAM over all foreground classes and (B, K, H, W) R-CAM (``None`` for V1),
@@ -78,7 +84,7 @@ def multiscale_maps(
         if flip:
             fused = feats.fused if feats.fused is None else _unflip(feats.fused)
             feats = Features(_unflip(feats.logit_map), _unflip(feats.tokens), fused)
-        out = model.maps(feats, label_mask if feats.fused is not None else None)
+        out = model.maps(feats, label_mask if feats.fused is not None else None, seed_locating)
         cam = F.interpolate(out["cam"], size=(h, w), mode="bilinear", align_corners=False)  # (B, C, H, W)
         cam_sum = cam if cam_sum is None else cam_sum + cam
         if "rcam" in out:
@@ -125,7 +131,7 @@ def generate_cams(
         mask[:, 0] = 1
         for row, present in enumerate(labels):
             mask[row, present] = 1
-        cam, rcam = multiscale_maps(model, x, mask, params.scales, params.flip)
+        cam, rcam = multiscale_maps(model, x, mask, params.scales, params.flip, params.seed_locating)
         for row, image_id in enumerate(group):
             keys = np.array([0, *labels[row]], dtype=np.int64)
             fg = cam[row, keys[1:] - 1]  # (n, H, W)

@@ -137,3 +137,15 @@ def test_eval_set(prepared):
     assert sample["image"].shape == (3, 32, 32)
     assert torch.all(sample["valid"] == 1)  # square images fill the canvas
     assert torch.equal(sample["image"], dataset[1]["image"])
+
+
+def test_prepare_synthetic_does_not_depend_on_the_number_of_processes(prepared, tmp_path, monkeypatch):
+    import pipeline.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "resolve_workers", lambda workers: 1)
+    params = DataParams(synthetic=SyntheticParams(num_train=6, num_val=3, image_size=48))
+    serial = prepare_synthetic(params, seed=0, out=tmp_path / "serial")
+    assert serial.labels == prepared.labels
+    for image_id in serial.split("train") + serial.split("val"):
+        assert np.array_equal(serial.load_image(image_id), prepared.load_image(image_id))
+        assert np.array_equal(serial.load_mask(image_id), prepared.load_mask(image_id))

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.config import AffinityLabelParams, AffinityNetParams, CrfParams, RefineParams, TrainAffParams
 from pipeline.models.affinitynet import AffinityNet
+from pipeline.parallel import resolve_workers
 from pipeline.refine.affinity import (
     affinity_loss,
     confident_labels,
@@ -19,7 +20,6 @@ from pipeline.refine.affinity import (
     radius_offsets,
     shifted,
 )
-from pipeline.refine.parallel import resolve_workers
 from pipeline.refine.pseudo_labels import AffinityModel, pseudo_label, pseudo_labels
 from pipeline.refine.random_walk import random_walk, transition_matrix, walk_seed_scores
 from pipeline.refine.seeds import (

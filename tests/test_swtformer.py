@@ -9,6 +9,7 @@ from pipeline.config import ModelParams, SwinParams
 from pipeline.models.backbone import PretrainedError, build_backbone
 from pipeline.models.swtformer import (
     HierarchicalFeatureFusion,
+    argmax_seeds,
     build_model,
     max_norm,
     prototypes,
@@ -122,6 +123,23 @@ def test_seeds_label_mask_removes_class():
     assert torch.all(seeds[0, :, 1].sum(dim=0) == 1)
 
 
+def test_argmax_seeds_hand_case():
+    # two positions, K = 3 (bg, a, b); class b is absent from the label, so it never wins
+    cam = torch.tensor([[0.2, 0.7], [0.5, 0.1], [0.9, 0.9]]).reshape(1, 3, 1, 2)
+    mask = torch.tensor([1.0, 1.0, 0.0]).reshape(1, 3, 1, 1)
+    seeds = argmax_seeds(cam, mask)
+    assert seeds[0, :, 0].tolist() == [[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
+
+
+def test_argmax_seeds_spatial_mask_zeroes_padding():
+    cam = torch.rand(1, 3, 2, 2)
+    mask = torch.ones(1, 3, 2, 2)
+    mask[..., 1] = 0.0  # the right column is padding
+    seeds = argmax_seeds(cam, mask)
+    assert torch.all(seeds[..., 1] == 0)
+    assert torch.all(seeds[..., 0].sum(dim=1) == 1)
+
+
 def test_prototypes_mean_times_seed_fraction():
     torch.manual_seed(0)
     features = torch.randn(1, 5, 4, 4)
@@ -220,6 +238,19 @@ def test_v2_forward_with_spatial_label_mask():
         out = model(torch.randn(1, 3, IMG, IMG), mask)
     assert torch.all(out["seeds"][:, 2] == 0)
     assert torch.all(out["rcam"][:, 2] == 0)
+
+
+def test_v2_cam_seed_locating_is_the_argmax_of_cam_with_background():
+    model = tiny_model("v2")
+    mask = torch.ones(2, NUM_CLASSES + 1, 1, 1)
+    with torch.no_grad():
+        feats = model.features(torch.randn(2, 3, IMG, IMG))
+        out = model.maps(feats, mask, seed_locating="cam")
+        structure = model.maps(feats, mask)
+    assert_close(out["seeds"], argmax_seeds(out["cam_bg"], mask))
+    assert_close(out["cam"], structure["cam"])  # only the seeds (and so R-CAM) depend on the choice
+    with pytest.raises(ValueError, match="seed_locating"), torch.no_grad():
+        model.maps(feats, mask, seed_locating="other")
 
 
 def test_v1_forward_shapes():

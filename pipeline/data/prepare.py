@@ -13,13 +13,25 @@ from pipeline.data.coco import prepare_coco
 from pipeline.data.layout import PreparedDataset, write_index
 from pipeline.data.voc import prepare_voc
 from pipeline.io import save_image_png, save_label_png
+from pipeline.parallel import map_ordered, resolve_workers
+
+
+def _write_sample(item: tuple[str, int, int, DataParams, Path]) -> list[int]:
+    """Generate sample ``index`` and write its image and mask as ``<image_id>.png``; return its labels."""
+    image_id, index, seed, params, out = item
+    image, mask, present = synthetic.generate_sample(index, seed, params.synthetic)
+    save_image_png(out / "images" / f"{image_id}.png", image)
+    save_label_png(out / "masks" / f"{image_id}.png", mask, synthetic.voc_palette())
+    return present
 
 
 def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDataset:
     """Generate the synthetic benchmark into ``out``.
 
     ``train`` and ``train_aug`` are the same images (the benchmark has no separate augmented set);
-    ``val`` is disjoint. Image ids are ``train_00000`` ... and ``val_00000`` ...
+    ``val`` is disjoint. Image ids are ``train_00000`` ... and ``val_00000`` ... Samples are generated in one
+    process per CPU core; each depends only on ``seed`` and its index, so the output does not depend on the
+    number of processes.
 
     Args:
         params: The ``data`` section (uses ``data.synthetic``).
@@ -29,7 +41,6 @@ def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDatas
     Returns:
         The prepared dataset.
     """
-    cfg = params.synthetic
     if out.exists():
         shutil.rmtree(out)
     (out / "images").mkdir(parents=True)
@@ -37,17 +48,15 @@ def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDatas
     names = synthetic.class_names()
     palette = synthetic.voc_palette()[: len(names)]
     labels: dict[str, list[int]] = {}
-    splits = {"train": ("train", cfg.num_train, 0), "val": ("val", cfg.num_val, 1_000_000)}
+    splits = {"train": ("train", params.synthetic.num_train, 0), "val": ("val", params.synthetic.num_val, 1_000_000)}
     lists: dict[str, list[str]] = {}
+    workers = resolve_workers(0)
     for split, (prefix, count, offset) in splits.items():
-        ids = []
-        for index in tqdm(range(count), desc=f"prepare {split}", unit="img", disable=None, mininterval=2):
-            image_id = f"{prefix}_{index:05d}"
-            image, mask, present = synthetic.generate_sample(offset + index, seed, cfg)
-            save_image_png(out / "images" / f"{image_id}.png", image)
-            save_label_png(out / "masks" / f"{image_id}.png", mask, synthetic.voc_palette())
-            labels[image_id] = present
-            ids.append(image_id)
+        ids = [f"{prefix}_{index:05d}" for index in range(count)]
+        items = ((image_id, offset + index, seed, params, out) for index, image_id in enumerate(ids))
+        results = map_ordered(_write_sample, items, workers, in_flight=16)
+        bar = tqdm(results, total=count, desc=f"prepare {split}", unit="img", disable=None, mininterval=2)
+        labels.update(zip(ids, bar, strict=True))
         lists[split] = ids
     lists["train_aug"] = lists["train"]
     return write_index(out, "synthetic", names, palette, labels, lists, image_ext=".png")

@@ -62,6 +62,20 @@ def structure_aware_seeds(
     return seeds * label_mask
 
 
+def argmax_seeds(cam: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Seeds without structure: the one-hot argmax of ``cam`` over the allowed channels.
+
+    Args:
+        cam: (B, K, h, w) maps with background first.
+        label_mask: (B, K, h, w) or (B, K, 1, 1) 0/1 mask of the allowed classes (and valid pixels).
+
+    Returns:
+        (B, K, h, w) one-hot seeds masked by ``label_mask``.
+    """
+    allowed = torch.where(label_mask.bool(), cam.float(), torch.finfo(torch.float32).min)  # (B, K, h, w)
+    return F.one_hot(allowed.argmax(dim=1), cam.shape[1]).permute(0, 3, 1, 2).to(cam.dtype) * label_mask
+
+
 def prototypes(seeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Class prototypes: seed-masked average of the features (divided by the map area, as SIPE does).
 
@@ -167,13 +181,17 @@ class SWTformer(nn.Module):
         """Image-level logits only (no HFF, no seeds): (B, 3, H, W) -> (B, C)."""
         return self.cam_head(self.backbone(x)[-1]).mean(dim=(2, 3))
 
-    def maps(self, feats: Features, label_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def maps(
+        self, feats: Features, label_mask: torch.Tensor | None, seed_locating: str = "structure"
+    ) -> dict[str, torch.Tensor]:
         """Turn features into logits, CAMs and (V2) seeds and R-CAMs.
 
         Args:
             feats: Output of :meth:`features`.
             label_mask: (B, K, h', w') or (B, K, 1, 1) 0/1 mask over background + classes (channel 0 = valid
                 pixels). Needed for V2; resized (nearest) to the token grid.
+            seed_locating: ``structure`` (:func:`structure_aware_seeds`, SWTformer's; used in training) or
+                ``cam`` (:func:`argmax_seeds` of the CAM with background).
 
         Returns:
             ``logits`` (B, C); ``cam`` (B, C, h, w) max-normalised; for V2 also ``cam_bg`` (B, K, h, w)
@@ -188,7 +206,12 @@ class SWTformer(nn.Module):
             raise ValueError("SWTformer-V2 needs a label mask to locate seeds")
         cam_bg = with_background(cam)  # (B, K, h, w)
         mask = label_mask if label_mask.shape[-1] == 1 else F.interpolate(label_mask, cam_bg.shape[-2:])
-        seeds = structure_aware_seeds(cam_bg.detach() * mask, feats.tokens.detach(), mask, self.bg_iou_scale)
+        if seed_locating == "structure":
+            seeds = structure_aware_seeds(cam_bg.detach() * mask, feats.tokens.detach(), mask, self.bg_iou_scale)
+        elif seed_locating == "cam":
+            seeds = argmax_seeds(cam_bg.detach(), mask)
+        else:
+            raise ValueError(f"unknown seed_locating {seed_locating!r} (structure | cam)")
         out.update(cam_bg=cam_bg, seeds=seeds, rcam=refined_cam(feats.fused, prototypes(seeds, feats.fused)))
         return out
 

@@ -27,9 +27,9 @@ from pipeline.io import IGNORE, save_label_png
 from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
 from pipeline.model_files import read_model_dir
 from pipeline.models.affinitynet import AffinityNet
+from pipeline.parallel import map_ordered, resolve_workers
 from pipeline.refine.affinity import pair_affinities, radius_offsets
 from pipeline.refine.crf import dense_crf
-from pipeline.refine.parallel import map_ordered, resolve_workers
 from pipeline.refine.random_walk import walk_seed_scores
 from pipeline.refine.seeds import (
     argmax_labels,

@@ -24,6 +24,7 @@ from pipeline.data.layout import DatasetError, PreparedDataset
 from pipeline.io import IGNORE, CamStore
 from pipeline.model_files import save_model_dir
 from pipeline.models.affinitynet import AffinityNet
+from pipeline.parallel import map_ordered, resolve_workers
 from pipeline.refine.affinity import (
     affinity_loss,
     confident_labels,
@@ -32,7 +33,6 @@ from pipeline.refine.affinity import (
     pair_label_masks,
     radius_offsets,
 )
-from pipeline.refine.parallel import map_ordered, resolve_workers
 from pipeline.refine.seeds import choose_seed_map, open_cam_store
 
 log = logging.getLogger(__name__)

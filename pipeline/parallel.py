@@ -1,15 +1,14 @@
-"""A process pool for per-image CPU work (CRF, random walk) that never oversubscribes the cores."""
+"""A process pool for per-image CPU work (generation, CRF, random walk) that never oversubscribes the cores."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
-
-import torch
 
 
 def resolve_workers(workers: int) -> int:
@@ -20,13 +19,12 @@ def resolve_workers(workers: int) -> int:
     return max(1, cores or 1)
 
 
-def single_threaded() -> None:
-    """Limit this process to one compute thread (torch intra- and inter-op)."""
-    torch.set_num_threads(1)
-
-
 def _init(initializer: Callable[..., None] | None, initargs: tuple) -> None:
-    single_threaded()
+    """Worker set-up: one compute thread (torch intra- and inter-op), then the caller's initializer."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # for a torch imported later in this worker
+    torch = sys.modules.get("torch")  # not imported here: the pool also serves torch-free stages (prepare)
+    if torch is not None:
+        torch.set_num_threads(1)
     if initializer is not None:
         initializer(*initargs)
 
