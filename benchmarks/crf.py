@@ -42,7 +42,7 @@ from pipeline.data.layout import PreparedDataset
 from pipeline.parallel import resolve_workers
 from pipeline.refine.crf import dense_crf
 from pipeline.refine.pseudo_labels import pseudo_labels
-from pipeline.refine.seeds import choose_seed_map, open_cam_store, with_constant_background
+from pipeline.refine.seeds import choose_seed_map, open_cam_store, seed_scores
 
 MIN_AGREEMENT = 0.999
 
@@ -51,7 +51,7 @@ def naive_labels(jobs: list[tuple], num_labels: int, params) -> list[np.ndarray]
     """The CRF over all dataset labels, one image after another; absent classes get probability 0."""
     out = []
     for image, maps, keys in jobs:
-        scores = with_constant_background(maps, params.bg_threshold)  # (K, H, W)
+        scores = seed_scores(maps, params.bg_threshold)  # (K, H, W), as refine builds them
         full = np.zeros((num_labels, *scores.shape[1:]), np.float32)  # (1 + C, H, W)
         full[keys] = scores
         out.append(dense_crf(image, full, params.crf).argmax(0).astype(np.uint8))

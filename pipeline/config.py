@@ -273,8 +273,8 @@ class RefineParams(Section):
     """Seeds -> pseudo labels (``refine``)."""
 
     method: Literal["none", "crf", "psa", "psa_crf"] = "crf"
-    seed_map: SeedMapName = "cam"
-    bg_threshold: Probability | None = 0.45
+    seed_map: SeedMapName = "auto"
+    bg_threshold: Probability | None = None
     ignore_band: tuple[Probability, Probability] | None = None
     crf: CrfParams = CrfParams()
     psa: PsaParams = PsaParams()
