@@ -10,9 +10,9 @@ Runs ``cams``' multi-scale + flip inference on the first N images of ``cams.spli
   (area-resized, argmax, masked by the image labels). It bounds what better seeds could give in this
   feature space.
 
-Also prints the CAM's seed mIoU on the same images and the mean |cos| between last-stage tokens of an image
-(at scale 1): the structure-aware soft IoU can only separate object from background if this is well
-below 1.
+Also prints the CAM's seed mIoU on the same images, each map's object-vs-background precision and recall
+under the argmax protocol, and the mean |cos| between last-stage tokens of an image (at scale 1): the
+structure-aware soft IoU can only separate object from background if this is well below 1.
 
 Usage: python benchmarks/seed_locating.py [--params params.yaml] [--data data/prepared] [--model-dir models/cls]
        [--images 240]
@@ -47,6 +47,12 @@ def ground_truth_seeds(batch_masks: list[np.ndarray], num_classes: int):
         return F.one_hot(area.argmax(dim=1), cam.shape[1]).permute(0, 3, 1, 2).to(cam.dtype) * label_mask
 
     return seeds
+
+
+def foreground_precision_recall(confusion: np.ndarray) -> tuple[float, float]:
+    """Object-vs-background precision and recall of the argmax labels, from a (gt, pred) confusion matrix."""
+    both = confusion[1:, 1:].sum()  # ground truth and prediction both some class (not necessarily the same)
+    return float(both / confusion[:, 1:].sum()), float(both / confusion[1:, :].sum())
 
 
 def token_cosine(model: swtformer.SWTformer, x: torch.Tensor) -> float:
@@ -86,14 +92,13 @@ def main() -> None:
             mask[row, data.labels[image_id]] = 1
         truths = [data.load_mask(i) for i in group]
         cosines.append(token_cosine(model, x))
-        rcams = {}
+        cam, rcams = None, {}
         for name in sources:
             if name == "ground truth":
-                with mock.patch.object(
-                    swtformer, "structure_aware_seeds", ground_truth_seeds(truths, data.num_classes)
-                ):
+                oracle = ground_truth_seeds(truths, data.num_classes)
+                with mock.patch.object(swtformer, "structure_aware_seeds", oracle):
                     _, rcams[name] = multiscale_maps(model, x, mask, cams.scales, cams.flip, "structure")
-            else:
+            else:  # the CAM does not depend on the seeds: keep one copy
                 cam, rcams[name] = multiscale_maps(model, x, mask, cams.scales, cams.flip, name)
         for row, image_id in enumerate(group):
             keys = np.array([0, *data.labels[image_id]])
@@ -102,12 +107,14 @@ def main() -> None:
                 evaluators[name].add(rcams[name][row, keys].cpu().numpy(), keys, truths[row])
 
     print(f"{len(ids)} images of {cams.split}; mean |cos| between last-stage tokens: {np.mean(cosines):.3f}")
-    print(f"{'map (seeds)':<26} {'argmax':>7} {'best':>7} {'at t':>6}")
+    print(f"{'map (seeds)':<26} {'argmax':>7} {'best':>7} {'at t':>6} {'fg prec':>8} {'fg rec':>7}")
     for name, evaluator in evaluators.items():
         summary = evaluator.summary()
+        precision, recall = foreground_precision_recall(evaluator.argmax_confusion)
         label = name if name == "CAM" else f"R-CAM ({name})"
         print(
             f"{label:<26} {summary['miou_argmax']:>7.3f} {summary['miou_best']:>7.3f} {summary['best_threshold']:>6.2f}"
+            f" {precision:>8.3f} {recall:>7.3f}"
         )
 
 
