@@ -117,6 +117,7 @@ class TrainClsParams(Section):
     flip: bool = True
     color_jitter: Annotated[float, Field(ge=0, le=1)] = 0.0
     num_workers: Annotated[int, Field(ge=0)] = 0
+    cache_images: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     threads: Annotated[int, Field(ge=0)] = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,14 @@ def label_mask(valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: SWTformer, loader: DataLoader, device: torch.device, amp: bool) -> dict[str, float]:
-    """Class-wise and sample-wise mAP of the classifier's sigmoid scores on a loader."""
+def evaluate_classifier(
+    model: SWTformer, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, amp: bool
+) -> dict[str, float]:
+    """Class-wise and sample-wise mAP of the classifier's sigmoid scores on batches of ``ClassificationEvalSet``."""
     was_training = model.training
     model.eval()
     scores, targets = [], []
-    for batch in loader:
+    for batch in batches:
         with train.autocast(device, amp):
             logits = model.classify(batch["image"].to(device))
         scores.append(torch.sigmoid(logits.float()).cpu().numpy())
@@ -105,9 +108,11 @@ def train_classifier(
         params.data.mean,
         params.data.std,
         params.seed,
+        cfg.cache_images,
     )
     valset = ClassificationEvalSet(data, "val", cfg.crop_size, params.data.mean, params.data.std)
     val_loader = DataLoader(valset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    val_batches = list(val_loader) if cfg.cache_images and ddp.is_main else val_loader  # deterministic: load once
     per_rank = cfg.batch_size // ddp.world_size
     steps_per_epoch = len(trainset) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -174,7 +179,7 @@ def train_classifier(
         record["train/lr"] = optimizer.param_groups[0]["lr"]
         record["train/images_per_s"] = len(batches) * cfg.batch_size / (time.perf_counter() - started)
         if ddp.is_main:
-            record.update({f"val/{k}": v for k, v in evaluate_classifier(model, val_loader, device, cfg.amp).items()})
+            record.update({f"val/{k}": v for k, v in evaluate_classifier(model, val_batches, device, cfg.amp).items()})
             history.append(record)
             _log_epoch(live, record)
             log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))

@@ -11,6 +11,7 @@ from pipeline.data.datasets import (
     place_in_canvas,
     resize_long,
 )
+from pipeline.data.layout import PreparedDataset
 from pipeline.data.prepare import prepare_synthetic
 
 MEAN = (0.485, 0.456, 0.406)
@@ -111,6 +112,23 @@ def test_train_sample_is_pure_function_of_seed_epoch_index(prepared):
     for key in ("image", "valid", "labels"):
         assert torch.equal(first[key], again[key])
         assert torch.equal(first[key], fresh[key])
+
+
+def test_cached_train_set_decodes_once_and_gives_the_same_samples(prepared, monkeypatch):
+    cached = train_set(prepared, cache=True)
+    assert sorted(cached.cached) == sorted(prepared.split("train"))
+
+    def no_disk(self, image_id):
+        raise AssertionError(f"read {image_id} from disk")
+
+    monkeypatch.setattr(PreparedDataset, "load_image", no_disk)
+    samples = [cached[i] for i in range(len(cached))]
+    monkeypatch.undo()
+    plain = train_set(prepared)
+    for index, sample in enumerate(samples):
+        expected = plain[index]
+        for key in ("image", "valid", "labels"):
+            assert torch.equal(sample[key], expected[key])
 
 
 def test_train_sample_changes_with_epoch_and_seed(prepared):

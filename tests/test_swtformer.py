@@ -213,6 +213,20 @@ def test_backbone_odd_input_sizes_nchw():
         assert m.shape == (1, c, math.ceil(37 / s), math.ceil(29 / s))
 
 
+def test_backbone_eval_uses_fused_attention_with_the_same_result():
+    backbone = build_backbone(tiny_params(swin=TINY_SWIN.model_copy(update={"depths": (2, 2, 2, 2)})), IMG)
+    x = torch.randn(2, 3, 40, 36)  # the second block of each stage attends in shifted windows, under a mask
+    assert backbone.attentions and not any(a.fused_attn for a in backbone.attentions)
+    with torch.no_grad():
+        explicit = backbone.eval().train()(x)  # training mode, no dropout: the explicit path
+        fused = backbone.eval()(x)
+    assert all(a.fused_attn for a in backbone.attentions)
+    for a, b in zip(explicit, fused, strict=True):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+    backbone.train()
+    assert not any(a.fused_attn for a in backbone.attentions)
+
+
 def test_v2_forward_shapes():
     model = tiny_model("v2")
     x = torch.randn(2, 3, IMG, IMG)

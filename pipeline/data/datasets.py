@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from pipeline.data.layout import PreparedDataset
 
@@ -71,6 +72,7 @@ class ClassificationTrainSet(Dataset):
         mean: Normalisation mean.
         std: Normalisation std.
         seed: Global seed.
+        cache: Decode every image once, here, and keep it in memory (DataLoader workers forked later share it).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class ClassificationTrainSet(Dataset):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         seed: int,
+        cache: bool = False,
     ) -> None:
         self.data = data
         self.ids = data.split(split)
@@ -94,6 +97,8 @@ class ClassificationTrainSet(Dataset):
         self.mean, self.std = mean, std
         self.seed = seed
         self.epoch = 0
+        decode = tqdm(self.ids, desc=f"decode {split}", disable=None) if cache else []
+        self.cached = {image_id: data.load_image(image_id) for image_id in decode}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -101,8 +106,8 @@ class ClassificationTrainSet(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image_id = self.ids[index]
-        image = Image.fromarray(self.data.load_image(image_id))
-        image = resize_long(image, int(rng.integers(self.resize_long[0], self.resize_long[1] + 1)))
+        decoded = self.cached[image_id] if self.cached else self.data.load_image(image_id)
+        image = resize_long(Image.fromarray(decoded), int(rng.integers(self.resize_long[0], self.resize_long[1] + 1)))
         if self.color_jitter > 0:
             b, c, s = 1.0 + rng.uniform(-self.color_jitter, self.color_jitter, 3)
             for enhancer, factor in ((ImageEnhance.Brightness, b), (ImageEnhance.Contrast, c), (ImageEnhance.Color, s)):
