@@ -111,7 +111,8 @@ def train_classifier(
         cfg.cache_images,
     )
     valset = ClassificationEvalSet(data, "val", cfg.crop_size, params.data.mean, params.data.std)
-    val_loader = DataLoader(valset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    # its own generator: loading the val set must not move the global RNG that initialises the model
+    val_loader = DataLoader(valset, cfg.batch_size, num_workers=cfg.num_workers, generator=torch.Generator())
     val_batches = list(val_loader) if cfg.cache_images and ddp.is_main else val_loader  # deterministic: load once
     per_rank = cfg.batch_size // ddp.world_size
     steps_per_epoch = len(trainset) // cfg.batch_size

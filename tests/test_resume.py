@@ -118,6 +118,8 @@ class Scenario:
     resumed_returncode: int
     other: Run
     other_returncode: int
+    uncached: Run
+    uncached_returncode: int
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +160,13 @@ def _play(root: Path, prepared: Path, params: Path, started: list[Run]) -> Scena
     other_raw = tiny_params_dict(data=RESUME["data"], train_cls={**RESUME["train_cls"], "lr": 5e-4})
     other_params = write_params(other_dir / "params.yaml", other_raw)
 
+    uncached_raw = tiny_params_dict(data=RESUME["data"], train_cls={**RESUME["train_cls"], "cache_images": False})
+    uncached_params = write_params(root / "uncached.yaml", uncached_raw)
+
     resumed = start(params, prepared, root / "interrupted")
     other = start(other_params, prepared, other_dir)
-    started += [resumed, other]
+    uncached = start(uncached_params, prepared, root / "uncached")
+    started += [resumed, other, uncached]
     return Scenario(
         reference=reference,
         killed=killed,
@@ -172,6 +178,8 @@ def _play(root: Path, prepared: Path, params: Path, started: list[Run]) -> Scena
         resumed_returncode=resumed.wait(),
         other=other,
         other_returncode=other.wait(),
+        uncached=uncached,
+        uncached_returncode=uncached.wait(),
     )
 
 
@@ -191,6 +199,13 @@ def test_resumed_run_matches_uninterrupted_run(scenario):
     different = [name for name in reference if not torch.equal(reference[name], resumed[name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
     assert not scenario.resumed.checkpoint.exists(), "the checkpoint is deleted once training completes"
+
+
+def test_image_cache_does_not_change_training(scenario):
+    assert scenario.reference.wait() == 0, scenario.reference.output()
+    assert scenario.uncached_returncode == 0, scenario.uncached.output()
+    cached, uncached = load_file(str(scenario.reference.model)), load_file(str(scenario.uncached.model))
+    assert all(torch.equal(cached[name], uncached[name]) for name in cached)
 
 
 def _tsv_values(path: Path) -> list[tuple[str, str]]:
