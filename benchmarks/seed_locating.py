@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import train
-from pipeline.cam import load_classifier, multiscale_maps
+from pipeline.cam import load_classifier, multiscale_maps, present_class_mask
 from pipeline.config import load_params
 from pipeline.data.datasets import normalize
 from pipeline.data.layout import PreparedDataset
@@ -86,10 +86,7 @@ def main() -> None:
     for start in range(0, len(ids), 8):
         group = ids[start : start + 8]
         x = torch.stack([normalize(data.load_image(i), mean, std) for i in group]).to(device)  # (B, 3, H, W)
-        mask = torch.zeros(len(group), data.num_classes, 1, 1, device=device)
-        mask[:, 0] = 1
-        for row, image_id in enumerate(group):
-            mask[row, data.labels[image_id]] = 1
+        mask = present_class_mask([data.labels[i] for i in group], data.num_classes, device)
         truths = [data.load_mask(i) for i in group]
         cosines.append(token_cosine(model, x))
         cam, rcams = None, {}

@@ -41,6 +41,15 @@ def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[SWTfor
     return model.to(device).eval(), meta
 
 
+def present_class_mask(labels: list[list[int]], num_classes: int, device: torch.device) -> torch.Tensor:
+    """Image-level labels (class ids >= 1 per image) -> (B, K, 1, 1) mask: background (channel 0) + present classes."""
+    mask = torch.zeros(len(labels), num_classes, 1, 1, device=device)
+    mask[:, 0] = 1
+    for row, present in enumerate(labels):
+        mask[row, present] = 1
+    return mask
+
+
 def _unflip(x: torch.Tensor) -> torch.Tensor:
     """Sum each (original, flipped) pair of a (2B, ...) batch after flipping the second half back: -> (B, ...)."""
     half = x.shape[0] // 2
@@ -127,10 +136,7 @@ def generate_cams(
     for group, images in same_size_batches(ids, data.load_image, batch_size):
         x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
         labels = [data.labels[i] for i in group]
-        mask = torch.zeros(len(group), data.num_classes, 1, 1, device=device)
-        mask[:, 0] = 1
-        for row, present in enumerate(labels):
-            mask[row, present] = 1
+        mask = present_class_mask(labels, data.num_classes, device)
         cam, rcam = multiscale_maps(model, x, mask, params.scales, params.flip, params.seed_locating)
         for row, image_id in enumerate(group):
             keys = np.array([0, *labels[row]], dtype=np.int64)
