@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import train
-from pipeline.config import CamsParams, ModelParams
+from pipeline.config import CamsParams, ModelParams, SeedLocating
 from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_batches
 from pipeline.data.layout import DatasetError, PreparedDataset
 from pipeline.io import CamWriter
@@ -63,7 +63,7 @@ def multiscale_maps(
     label_mask: torch.Tensor,
     scales: tuple[float, ...],
     flip: bool,
-    seed_locating: str = "structure",
+    seed_locating: SeedLocating,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CAM and (V2) R-CAM of a batch of same-size images, summed over scales and max-normalised.
 
