@@ -1,6 +1,6 @@
 """``cams``' multi-scale + flip inference with the fused window-attention kernel against timm's explicit one.
 
-Loads the classifier written by ``train_cls`` and runs :func:`pipeline.cam.multiscale_maps` as ``cams`` does
+Loads the classifier written by ``train_cls`` and runs :func:`pipeline.cams.multiscale_maps` as ``cams`` does
 (``cams.scales``, ``cams.flip``, ``cams.seed_locating``, batches of 8) on the first ``--images`` images of
 ``cams.split``, alternating eval mode's fused ``scaled_dot_product_attention`` (what ``cams`` uses) with timm's
 explicit softmax attention. Prints the median time per image of each and the largest difference between their
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from pipeline import train
-from pipeline.cam import load_classifier, multiscale_maps, present_class_mask
+from pipeline import runtime
+from pipeline.cams import load_classifier, multiscale_maps, present_class_mask
 from pipeline.config import load_params
 from pipeline.data.datasets import normalize
 from pipeline.data.layout import PreparedDataset
@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cams = load_params(args.params).cams
-    device = train.resolve_device(cams.device)
+    device = runtime.resolve_device(cams.device)
     data = PreparedDataset.open(args.data)
     model, meta = load_classifier(args.model_dir, device)
     mean, std = tuple(meta["mean"]), tuple(meta["std"])

@@ -4,7 +4,7 @@ Both run in one invocation on the same N images of a prepared dataset and its CA
 parameters, background threshold and seed map of ``refine`` in the params file:
 
 * naive: the CRF over all labels (VOC's 21, or the dataset's ``1 + C``), images one after another in this process;
-* ours: :func:`pipeline.refine.pseudo_labels.pseudo_labels` with ``method=crf``: the CRF over background + the
+* ours: :func:`pipeline.refine.pseudo_labels` with ``method=crf``: the CRF over background + the
   image's classes only, in ``--workers`` processes (default: one per core); also timed with one worker, so
   the two effects (fewer labels, more processes) are visible separately.
 
@@ -40,9 +40,9 @@ import numpy as np
 from pipeline.config import load_params
 from pipeline.data.layout import PreparedDataset
 from pipeline.parallel import resolve_workers
-from pipeline.refine.crf import dense_crf
-from pipeline.refine.pseudo_labels import pseudo_labels
-from pipeline.refine.seeds import choose_seed_map, open_cam_store, seed_scores
+from pipeline.refine import pseudo_labels
+from pipeline.refinement.crf import dense_crf
+from pipeline.refinement.seeds import choose_seed_map, open_cam_store, seed_scores
 
 MIN_AGREEMENT = 0.999
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import train
-from pipeline.cam import load_classifier, multiscale_maps, present_class_mask
+from pipeline import runtime
+from pipeline.cams import load_classifier, multiscale_maps, present_class_mask
 from pipeline.config import load_params
 from pipeline.data.datasets import normalize
 from pipeline.data.layout import PreparedDataset
@@ -71,8 +71,8 @@ def main() -> None:
     args = parser.parse_args()
 
     cams = load_params(args.params).cams
-    train.set_threads(cams.threads)
-    device = train.resolve_device(cams.device)
+    runtime.set_threads(cams.threads)
+    device = runtime.resolve_device(cams.device)
     data = PreparedDataset.open(args.data)
     model, meta = load_classifier(args.model_dir, device)
     if model.version != "v2":

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.data.layout import PreparedDataset
 from pipeline.io import CamStore, load_label_png
-from pipeline.refine.seeds import threshold_labels
+from pipeline.refinement.seeds import threshold_labels
 from pipeline.viz import blend, colorize, heatmap
 
 

@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import SyntheticParams
-from pipeline.data.synthetic import class_names, generate_sample, voc_palette
+from pipeline.data.layout import voc_palette
+from pipeline.data.synthetic import class_names, generate_sample
 from pipeline.viz import colorize
 
 

@@ -16,15 +16,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
-
-
-class ConfigError(UserError, ValueError):
-    """A params file that cannot be used; the message is one line meant for the user."""
 
 
 class Section(BaseModel):

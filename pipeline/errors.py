@@ -1,5 +1,33 @@
-"""The base class of errors a user can fix (bad params, missing inputs, ...): the CLI prints them in one line."""
+"""Every error a user can fix (bad params, missing inputs, ...): ``wsss`` prints it in one line and exits with 2."""
 
 
 class UserError(Exception):
     """An error caused by the user's input or set-up, not by a bug; ``wsss`` exits with code 2 on it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A params file that cannot be used."""
+
+
+class DatasetError(UserError, ValueError):
+    """A prepared dataset, CAM store or pseudo-label folder that is missing or inconsistent."""
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model directory that a stage needs is missing or incomplete (the message names the stage that makes it)."""
+
+
+class PretrainedError(UserError, ValueError):
+    """Pretrained weights that cannot be found or loaded."""
+
+
+class SegModelError(UserError, ValueError):
+    """A segmentation model that cannot be built or loaded."""
+
+
+class DownloadError(UserError, ValueError):
+    """A download that failed or did not verify."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on (a non-finite loss, an impossible device or batch set-up)."""

@@ -20,14 +20,15 @@ from dvclive import Live
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import train
+from pipeline import runtime
 from pipeline.config import CrfParams, EvaluateParams
 from pipeline.data.datasets import normalize, same_size_batches
-from pipeline.data.layout import DatasetError, PreparedDataset
+from pipeline.data.layout import PreparedDataset
+from pipeline.errors import DatasetError
 from pipeline.io import write_json
 from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
-from pipeline.refine.crf import dense_crf
-from pipeline.seg import load_segmenter, predict_probs
+from pipeline.models.deeplab import load_segmenter, predict_probs
+from pipeline.refinement.crf import dense_crf
 from pipeline.viz import confusion_image, label_gallery_row
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, 
         DatasetError: If the data is missing or its classes differ from the model's.
     """
     data = PreparedDataset.open(data_dir)
-    device = train.resolve_device(params.device)
-    train.set_threads(params.threads)
+    device = runtime.resolve_device(params.device)
+    runtime.set_threads(params.threads)
     model, meta = load_segmenter(model_dir, device)
     _check_classes(meta, data, model_dir)
     mean, std, names = tuple(meta["mean"]), tuple(meta["std"]), data.class_names

@@ -17,8 +17,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-IGNORE = 255  # label value of pixels that are not scored (boundary bands, unlabelled objects)
-
 
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:

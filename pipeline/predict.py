@@ -16,10 +16,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline import train
+from pipeline import runtime
 from pipeline.data.datasets import normalize
 from pipeline.io import atomic_path, save_label_png
-from pipeline.seg import load_segmenter, predict_probs
+from pipeline.models.deeplab import load_segmenter, predict_probs
 from pipeline.viz import overlay
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,8 @@ def predict_images(
     Raises:
         SegModelError: If the model is missing or broken.
     """
-    device = train.resolve_device(device_name)
-    train.set_threads(threads)
+    device = runtime.resolve_device(device_name)
+    runtime.set_threads(threads)
     model, meta = load_segmenter(model_dir, device)
     mean, std, palette = tuple(meta["mean"]), tuple(meta["std"]), meta["palette"]
     report, taken = PredictReport(), set()

@@ -21,13 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import train
+from pipeline import runtime, training
 from pipeline.config import StageParams
 from pipeline.data.datasets import ClassificationEvalSet, ClassificationTrainSet
 from pipeline.data.layout import PreparedDataset
+from pipeline.errors import TrainingError
 from pipeline.losses import swtformer_loss
 from pipeline.metrics import classification_map
-from pipeline.model_files import save_model_dir
+from pipeline.models.files import save_model_dir
 from pipeline.models.swtformer import SWTformer, build_model
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def evaluate_classifier(
     model.eval()
     scores, targets = [], []
     for batch in batches:
-        with train.autocast(device, amp):
+        with runtime.autocast(device, amp):
             logits = model.classify(batch["image"].to(device))
         scores.append(torch.sigmoid(logits.float()).cpu().numpy())
         targets.append(batch["labels"].numpy())
@@ -87,16 +88,14 @@ def train_classifier(
     """
     cfg, loss_cfg = params.train_cls, params.loss
     data = PreparedDataset.open(data_dir)
-    device = train.resolve_device(cfg.device)
-    ddp = train.init_distributed(device)
+    device = runtime.resolve_device(cfg.device)
+    ddp = runtime.init_distributed(device)
     if ddp.world_size > 1 and device.type == "cuda":
-        device = train.resolve_device(cfg.device, ddp.local_rank)
+        device = runtime.resolve_device(cfg.device, ddp.local_rank)
     if cfg.batch_size % ddp.world_size:
-        raise train.TrainingError(
-            f"train_cls.batch_size={cfg.batch_size} is not divisible by the {ddp.world_size} processes"
-        )
-    train.set_threads(cfg.threads)
-    train.seed_everything(params.seed)
+        raise TrainingError(f"train_cls.batch_size={cfg.batch_size} is not divisible by the {ddp.world_size} processes")
+    runtime.set_threads(cfg.threads)
+    runtime.seed_everything(params.seed)
 
     trainset = ClassificationTrainSet(
         data,
@@ -117,19 +116,19 @@ def train_classifier(
     per_rank = cfg.batch_size // ddp.world_size
     steps_per_epoch = len(trainset) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise train.TrainingError(f"train_cls.batch_size={cfg.batch_size} exceeds the {len(trainset)} images")
+        raise TrainingError(f"train_cls.batch_size={cfg.batch_size} exceeds the {len(trainset)} images")
     total_steps = steps_per_epoch * cfg.epochs
 
     model = build_model(params.model, data.num_classes - 1, cfg.crop_size).to(device)
-    groups = train.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+    groups = training.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = train.warmup_scheduler(optimizer, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
-    scaler = train.make_scaler(device, cfg.amp)
-    trainables = train.Trainables(model, optimizer, scheduler, scaler)
+    scheduler = training.warmup_scheduler(optimizer, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
+    scaler = runtime.make_scaler(device, cfg.amp)
+    trainables = training.Trainables(model, optimizer, scheduler, scaler)
 
     digest = params.digest()
-    state = train.resume(checkpoint, digest, trainables)
+    state = training.resume(checkpoint, digest, trainables)
     start_epoch, history = (state["epoch"], list(state["history"])) if state else (0, [])
 
     find_unused = params.model.version == "v2" and not (loss_cfg.gsc or loss_cfg.ccl)
@@ -144,7 +143,7 @@ def train_classifier(
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         trainset.epoch = epoch
-        batches = list(train.epoch_indices(len(trainset), params.seed, epoch, ddp, per_rank))
+        batches = list(training.epoch_indices(len(trainset), params.seed, epoch, ddp, per_rank))
         loader = DataLoader(trainset, batch_sampler=batches, num_workers=cfg.num_workers)
         sums: dict[str, float] = {}
         started = time.perf_counter()
@@ -159,10 +158,10 @@ def train_classifier(
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["labels"].to(device)
             mask = label_mask(batch["valid"].to(device), labels)
-            with train.autocast(device, cfg.amp):
+            with runtime.autocast(device, cfg.amp):
                 out = net(images, mask)
             terms = swtformer_loss(out, labels, mask, loss_cfg)
-            train.check_finite(terms["total"], step)
+            training.check_finite(terms["total"], step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["total"]).backward()
             if cfg.grad_clip > 0:
@@ -184,14 +183,14 @@ def train_classifier(
             history.append(record)
             _log_epoch(live, record)
             log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
-            train.save_progress(checkpoint, digest, trainables, epoch + 1, history, step=step)
+            training.save_progress(checkpoint, digest, trainables, epoch + 1, history, step=step)
 
     final = {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}
     if ddp.is_main:
         _save_model(model, params, data, model_dir)
         live.end()
         checkpoint.unlink(missing_ok=True)
-    train.cleanup_distributed()
+    runtime.cleanup_distributed()
     return final
 
 

@@ -1,6 +1,6 @@
 """``train_seg``: train DeepLab (segmentation-models-pytorch) on the pseudo labels.
 
-Writes ``<model_dir>/model.safetensors`` + ``meta.json`` (see :mod:`pipeline.seg`), dvclive curves (loss, lr,
+Writes ``<model_dir>/model.safetensors`` + ``meta.json`` (see :mod:`pipeline.models.deeplab`), dvclive curves (loss, lr,
 val mIoU per epoch) and metrics in ``<results_dir>``, and a resumable checkpoint after every epoch. A re-run with
 the same configuration and pseudo labels resumes from it; anything else starts fresh with a warning. The
 checkpoint is deleted once training completes.
@@ -20,13 +20,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import train
+from pipeline import runtime, training
 from pipeline.config import StageParams, TrainSegParams
 from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.data.seg_datasets import SegmentationTrainSet, labels_fingerprint
+from pipeline.errors import TrainingError
 from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
-from pipeline.seg import Segmenter, build_segmenter, predict_probs, save_segmenter, segmentation_loss
+from pipeline.models.deeplab import Segmenter, build_segmenter, predict_probs, save_segmenter, segmentation_loss
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def _meta(params: StageParams, data: PreparedDataset) -> dict[str, Any]:
 
 
 def _make_optimizer(cfg: TrainSegParams, model: Segmenter) -> torch.optim.Optimizer:
-    groups = train.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+    groups = training.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=cfg.momentum)
     return torch.optim.AdamW(groups)
@@ -107,17 +108,17 @@ def train_segmenter(
     """
     cfg = params.train_seg
     data = PreparedDataset.open(data_dir)
-    device = train.resolve_device(cfg.device)
-    ddp = train.init_distributed(device)
+    device = runtime.resolve_device(cfg.device)
+    ddp = runtime.init_distributed(device)
     if ddp.world_size > 1 and device.type == "cuda":
-        device = train.resolve_device(cfg.device, ddp.local_rank)
+        device = runtime.resolve_device(cfg.device, ddp.local_rank)
     if cfg.batch_size % ddp.world_size or cfg.batch_size // ddp.world_size < 2:
-        raise train.TrainingError(
+        raise TrainingError(
             f"train_seg.batch_size={cfg.batch_size} must split into >= 2 images for each of {ddp.world_size} "
             "processes (batch norm needs 2)"
         )
-    train.set_threads(cfg.threads)
-    train.seed_everything(params.seed)
+    runtime.set_threads(cfg.threads)
+    runtime.seed_everything(params.seed)
 
     mean, std = tuple(params.data.mean), tuple(params.data.std)
     trainset = SegmentationTrainSet(
@@ -126,7 +127,7 @@ def train_segmenter(
     per_rank = cfg.batch_size // ddp.world_size
     steps_per_epoch = len(trainset) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise train.TrainingError(f"train_seg.batch_size={cfg.batch_size} exceeds the {len(trainset)} images")
+        raise TrainingError(f"train_seg.batch_size={cfg.batch_size} exceeds the {len(trainset)} images")
     total_steps = steps_per_epoch * cfg.epochs
 
     model = build_segmenter(
@@ -134,12 +135,12 @@ def train_segmenter(
     ).to(device)
     optimizer = _make_optimizer(cfg, model)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = train.warmup_scheduler(optimizer, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
-    scaler = train.make_scaler(device, cfg.amp)
-    trainables = train.Trainables(model, optimizer, scheduler, scaler)
+    scheduler = training.warmup_scheduler(optimizer, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
+    scaler = runtime.make_scaler(device, cfg.amp)
+    trainables = training.Trainables(model, optimizer, scheduler, scaler)
 
     digest = f"{params.digest()}-{labels_fingerprint(Path(labels_dir), trainset.ids)}"
-    state = train.resume(checkpoint, digest, trainables)  # the digest covers the pseudo labels too
+    state = training.resume(checkpoint, digest, trainables)  # the digest covers the pseudo labels too
     start_epoch, history = (state["epoch"], list(state["history"])) if state else (0, [])
 
     net: torch.nn.Module = model
@@ -157,7 +158,7 @@ def train_segmenter(
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         trainset.epoch = epoch
-        batches = list(train.epoch_indices(len(trainset), params.seed, epoch, ddp, per_rank))
+        batches = list(training.epoch_indices(len(trainset), params.seed, epoch, ddp, per_rank))
         loader = DataLoader(trainset, batch_sampler=batches, num_workers=cfg.num_workers)
         loss_sum, started = 0.0, time.perf_counter()
         bar = tqdm(
@@ -170,10 +171,10 @@ def train_segmenter(
         for batch in bar:
             images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
             target = batch["label"].to(device, non_blocking=True)  # (B, S, S)
-            with train.autocast(device, cfg.amp):
+            with runtime.autocast(device, cfg.amp):
                 logits = net(images)  # (B, K, S, S)
             loss = segmentation_loss(logits, target)
-            train.check_finite(loss, step)
+            training.check_finite(loss, step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -202,14 +203,14 @@ def train_segmenter(
             history.append(record)
             _log_epoch(live, record)
             log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
-            train.save_progress(checkpoint, digest, trainables, epoch + 1, history, step=step)
+            training.save_progress(checkpoint, digest, trainables, epoch + 1, history, step=step)
 
     final = {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}
     if ddp.is_main:
         save_segmenter(model, _meta(params, data), model_dir)
         live.end()
         checkpoint.unlink(missing_ok=True)
-    train.cleanup_distributed()
+    runtime.cleanup_distributed()
     return final
 
 

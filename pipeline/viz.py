@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.io import IGNORE
+from pipeline.data.layout import IGNORE
 
 
 def heatmap(score: np.ndarray) -> np.ndarray:

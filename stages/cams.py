@@ -20,7 +20,7 @@ def main(
     results: Annotated[Path, typer.Option(help="dvclive directory (metrics, gallery).")] = Path("results/cams"),
 ) -> None:
     """Generate seeds for the split in cams.split and evaluate them against the ground truth."""
-    from pipeline.cam import generate_cams  # imported here: torch loads only when a stage runs
+    from pipeline.cams import generate_cams  # imported here: torch loads only when a stage runs
 
     with stage_params(params, SECTIONS) as p:
         metrics = generate_cams(p.cams, data, model_dir, out, results)

@@ -17,7 +17,7 @@ def main(
     out: Annotated[Path, typer.Option(help="Output directory (replaced).")] = Path("data/prepared"),
 ) -> None:
     """Generate (synthetic) or convert the dataset into images, masks, split lists and labels."""
-    from pipeline.data.prepare import prepare  # imported here: torch loads only when a stage runs
+    from pipeline.prepare import prepare  # imported here: torch loads only when a stage runs
 
     with stage_params(params, SECTIONS) as p:
         data = prepare(p.data, p.seed, out)

@@ -23,7 +23,7 @@ def main(
     results: Annotated[Path, typer.Option(help="dvclive directory (metrics, gallery).")] = Path("results/refine"),
 ) -> None:
     """Turn the stored seeds into pseudo labels by refine.method and score them against the ground truth."""
-    from pipeline.refine.pseudo_labels import refine_pseudo_labels  # imported here: torch loads only when a stage runs
+    from pipeline.refine import refine_pseudo_labels  # imported here: torch loads only when a stage runs
 
     with stage_params(params, SECTIONS) as p:
         metrics = refine_pseudo_labels(p.refine, data, cams, aff_dir, out, results)

@@ -23,7 +23,7 @@ def main(
     ),
 ) -> None:
     """Derive confident affinity labels from the seeds (two CRFs) and train the AffinityNet on them."""
-    from pipeline.refine.train_aff import train_affinity_net  # imported here: torch loads only when a stage runs
+    from pipeline.train_aff import train_affinity_net  # imported here: torch loads only when a stage runs
 
     with stage_params(params, SECTIONS) as p:
         metrics = train_affinity_net(p, data, cams, model_dir, results, checkpoint)

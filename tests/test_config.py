@@ -4,16 +4,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import (
-    SECTIONS,
-    ConfigError,
-    LossParams,
-    Params,
-    StageParams,
-    load_params,
-    load_sections,
-    parse_params,
-)
+from pipeline.config import SECTIONS, LossParams, Params, StageParams, load_params, load_sections, parse_params
+from pipeline.errors import ConfigError
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

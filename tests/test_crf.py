@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import CrfParams
-from pipeline.refine.crf import dense_crf, normalise_probs
+from pipeline.refinement.crf import dense_crf, normalise_probs
 
 SIZE = 32
 EDGE = 16  # the colour edge: columns < EDGE are red, the rest blue

@@ -12,7 +12,7 @@ from pipeline.data.datasets import (
     resize_long,
 )
 from pipeline.data.layout import PreparedDataset
-from pipeline.data.prepare import prepare_synthetic
+from pipeline.prepare import prepare_synthetic
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -158,7 +158,7 @@ def test_eval_set(prepared):
 
 
 def test_prepare_synthetic_does_not_depend_on_the_number_of_processes(prepared, tmp_path, monkeypatch):
-    import pipeline.data.prepare as prepare_module
+    import pipeline.prepare as prepare_module
 
     monkeypatch.setattr(prepare_module, "resolve_workers", lambda workers: 1)
     params = DataParams(synthetic=SyntheticParams(num_train=6, num_val=3, image_size=48))

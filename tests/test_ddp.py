@@ -12,8 +12,8 @@ import yaml
 from conftest import subprocess_env, tiny_params_dict, write_params
 
 from pipeline.config import Params
-from pipeline.data.prepare import prepare
-from pipeline.train import warmup_decay
+from pipeline.prepare import prepare
+from pipeline.training import warmup_decay
 
 # 4 images, a global batch of 4 (2 per process), 2 epochs: one optimiser step per epoch, two in all
 DDP = {

@@ -14,8 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.data.download import Archive, DownloadError, download_archives, fetch, safe_extract
+from pipeline.data.download import Archive, download_archives, fetch, safe_extract
 from pipeline.data.sources import DATASETS, download_dataset, parse_checksums
+from pipeline.errors import DownloadError
 from stages.cli import app
 
 

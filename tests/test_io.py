@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.synthetic import voc_palette
+from pipeline.data.layout import voc_palette
 from pipeline.io import (
     CamStore,
     CamWriter,

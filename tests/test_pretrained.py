@@ -12,14 +12,9 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
+from pipeline.errors import PretrainedError
 from pipeline.models import pretrained
-from pipeline.models.pretrained import (
-    PretrainedError,
-    is_weights_file,
-    load_pretrained,
-    read_state_dict,
-    save_state_dict,
-)
+from pipeline.models.pretrained import is_weights_file, load_pretrained, read_state_dict, save_state_dict
 from stages.cli import app
 
 TAG = "test_vit.r160_in1k"  # a tiny timm model that has a pretrained tag

@@ -24,10 +24,11 @@ from raw_fixtures import (
 )
 
 from pipeline.config import DataParams
-from pipeline.data.layout import DatasetError, PreparedDataset
-from pipeline.data.prepare import prepare
+from pipeline.data.layout import PreparedDataset
 from pipeline.data.raw import process_map
 from pipeline.data.voc import CLASSES
+from pipeline.errors import DatasetError
+from pipeline.prepare import prepare
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import torch
 from pipeline.config import AffinityLabelParams, AffinityNetParams, CrfParams, RefineParams, TrainAffParams
 from pipeline.models.affinitynet import AffinityNet
 from pipeline.parallel import resolve_workers
-from pipeline.refine.affinity import (
+from pipeline.refine import AffinityModel, pseudo_label, pseudo_labels
+from pipeline.refinement.affinity import (
     affinity_loss,
     confident_labels,
     grid_labels,
@@ -20,9 +21,8 @@ from pipeline.refine.affinity import (
     radius_offsets,
     shifted,
 )
-from pipeline.refine.pseudo_labels import AffinityModel, pseudo_label, pseudo_labels
-from pipeline.refine.random_walk import random_walk, transition_matrix, walk_seed_scores
-from pipeline.refine.seeds import (
+from pipeline.refinement.random_walk import random_walk, transition_matrix, walk_seed_scores
+from pipeline.refinement.seeds import (
     choose_seed_map,
     seed_scores,
     threshold_labels,
@@ -221,7 +221,7 @@ def test_affinitynet_grid_and_affinities():
 
 
 def test_affinitynet_unknown_backbone_is_a_config_error():
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no_such_net"):
         AffinityNet(TINY_NET.model_copy(update={"backbone": "no_such_net"}))
@@ -299,7 +299,8 @@ def test_config_errors(model, bad):
 def test_config_error_in_a_params_file_is_one_line(tmp_path):
     import yaml
 
-    from pipeline.config import ConfigError, load_params
+    from pipeline.config import load_params
+    from pipeline.errors import ConfigError
 
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"refine": {"ignore_band": [0.5, 0.6]}}))

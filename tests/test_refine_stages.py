@@ -11,9 +11,9 @@ from conftest import tiny_params_dict, write_params
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from pipeline import train_aff
 from pipeline.config import StageParams, load_params
 from pipeline.io import load_label_png
-from pipeline.refine import train_aff
 from stages.cli import app
 
 

@@ -17,7 +17,7 @@ from conftest import subprocess_env, tiny_params_dict, write_params
 from safetensors.torch import load_file
 
 from pipeline.config import Params
-from pipeline.data.prepare import prepare
+from pipeline.prepare import prepare
 
 EPOCHS = 3
 # 96 images in batches of 8: 12 steps per epoch, long enough (about a second) that polling every 20 ms sees

@@ -17,13 +17,14 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import save_file
 
-from pipeline import seg
-from pipeline.config import ConfigError, parse_params
+from pipeline.config import parse_params
 from pipeline.data.datasets import same_size_batches
-from pipeline.data.layout import DatasetError
+from pipeline.data.layout import IGNORE
 from pipeline.data.seg_datasets import load_pseudo_label, random_scale_flip_crop
-from pipeline.io import IGNORE, save_label_png
-from pipeline.seg import SegModelError, build_segmenter, predict_probs, segmentation_loss
+from pipeline.errors import ConfigError, DatasetError, SegModelError
+from pipeline.io import save_label_png
+from pipeline.models import deeplab as seg
+from pipeline.models.deeplab import build_segmenter, predict_probs, segmentation_loss
 
 TINY = "tu-test_efficientnet"  # a ~90k-parameter timm test model: builds and runs in milliseconds
 

@@ -11,9 +11,9 @@ from conftest import subprocess_env, tiny_params_dict, write_params
 
 from pipeline.config import Params
 from pipeline.data.layout import PreparedDataset
-from pipeline.data.prepare import prepare
 from pipeline.io import save_label_png
-from pipeline.train import warmup_decay
+from pipeline.prepare import prepare
+from pipeline.training import warmup_decay
 
 # 8 images, a global batch of 4 (2 per process), 1 epoch: two optimiser steps
 DDP = {

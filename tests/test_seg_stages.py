@@ -17,13 +17,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 from pipeline import evaluate as evaluate_module
-from pipeline import train
+from pipeline import training
 from pipeline.config import CrfParams, EvaluateParams, Params, load_sections
-from pipeline.data.layout import PreparedDataset
-from pipeline.data.prepare import prepare
+from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.evaluate import CrfPool, evaluate_segmenter
-from pipeline.io import IGNORE, save_label_png, write_json
-from pipeline.seg import build_segmenter, save_segmenter
+from pipeline.io import save_label_png, write_json
+from pipeline.models.deeplab import build_segmenter, save_segmenter
+from pipeline.prepare import prepare
 from pipeline.train_seg import train_segmenter
 from stages.cli import app
 
@@ -102,18 +102,18 @@ def test_interrupted_train_seg_resumes_to_the_same_weights(workspace, tmp_path, 
     args = (workspace / "prepared", workspace / "pseudo")
     train_segmenter(params, *args, tmp_path / "ref", tmp_path / "ref_results", tmp_path / "ref.pt")
 
-    save = train.save_checkpoint
+    save = training.save_checkpoint
 
     def save_then_die(path, state):
         save(path, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_segmenter(params, *args, tmp_path / "run", tmp_path / "run_results", tmp_path / "run.pt")
     assert torch.load(tmp_path / "run.pt", weights_only=True)["epoch"] == 1
     assert not (tmp_path / "run").exists()
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(training, "save_checkpoint", save)
     train_segmenter(params, *args, tmp_path / "run", tmp_path / "run_results", tmp_path / "run.pt")
 
     reference = load_file(str(tmp_path / "ref" / "model.safetensors"))

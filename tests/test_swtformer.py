@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 
 from pipeline.config import ModelParams, SwinParams
-from pipeline.models.backbone import PretrainedError, build_backbone
+from pipeline.errors import PretrainedError
+from pipeline.models.backbone import build_backbone
 from pipeline.models.swtformer import (
     HierarchicalFeatureFusion,
     argmax_seeds,

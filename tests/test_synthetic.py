@@ -1,6 +1,7 @@
 import numpy as np
 
 from pipeline.config import SyntheticParams
+from pipeline.data.layout import voc_palette
 from pipeline.data.synthetic import (
     BODY_PALETTE,
     CLASSES,
@@ -9,7 +10,6 @@ from pipeline.data.synthetic import (
     _texture,
     class_names,
     generate_sample,
-    voc_palette,
 )
 
 SPEC = SyntheticParams(image_size=48)

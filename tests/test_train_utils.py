@@ -4,14 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.train import (
-    Dist,
-    TrainingError,
+from pipeline.errors import TrainingError
+from pipeline.runtime import Dist, resolve_device
+from pipeline.training import (
     check_finite,
     epoch_indices,
     load_checkpoint,
     param_groups,
-    resolve_device,
     rng_state,
     save_checkpoint,
     set_rng_state,

@@ -37,10 +37,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.data.layout import DatasetError, PreparedDataset, write_index
+from pipeline.data.layout import IGNORE, PreparedDataset, voc_palette, write_index
 from pipeline.data.raw import image_size, plain_name, process_map, reference, require
-from pipeline.data.synthetic import voc_palette
-from pipeline.io import IGNORE, save_label_png
+from pipeline.errors import DatasetError
+from pipeline.io import save_label_png
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from pipeline.errors import UserError
+from pipeline.errors import DownloadError
 from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 USER_AGENT = "wsss-download/0.1"
 SKIPPED_PREFIXES = ("__MACOSX/",)  # macOS resource forks inside some zips: never wanted
-
-
-class DownloadError(UserError, ValueError):
-    """A download that failed or did not verify; the message is one line for the user."""
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,36 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.errors import UserError
+from pipeline.errors import DatasetError
 from pipeline.io import atomic_path, load_label_png, write_json
 
 SPLITS = ("train", "train_aug", "val")
+IGNORE = 255  # label value of pixels that are not scored (boundary bands, unlabelled objects)
 
 
-class DatasetError(UserError, ValueError):
-    """A prepared dataset that is missing or inconsistent; the message is one line for the user."""
+# VOC's colour map for label ids 0..N; 255 (ignore) is drawn white-ish like VOC's void colour.
+def voc_palette(num: int = 256) -> list[tuple[int, int, int]]:
+    """Return the PASCAL VOC colour map (bit-interleaved) for ``num`` label ids.
+
+    Args:
+        num: Number of colours.
+
+    Returns:
+        A list of ``num`` RGB tuples; id 0 is black, 255 is VOC's void colour (224, 224, 192).
+    """
+    palette = []
+    for label in range(num):
+        r = g = b = 0
+        value = label
+        for bit in range(8):
+            r |= ((value >> 0) & 1) << (7 - bit)
+            g |= ((value >> 1) & 1) << (7 - bit)
+            b |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette.append((r, g, b))
+    if num > IGNORE:
+        palette[IGNORE] = (224, 224, 192)
+    return palette
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.data.layout import DatasetError
-from pipeline.io import IGNORE
+from pipeline.data.layout import IGNORE
+from pipeline.errors import DatasetError
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_WORKERS = 8  # conversion is CPU-bound per image; more processes mostly add memory

@@ -15,8 +15,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from pipeline.data.datasets import normalize
-from pipeline.data.layout import DatasetError, PreparedDataset
-from pipeline.io import IGNORE, load_label_png
+from pipeline.data.layout import IGNORE, PreparedDataset
+from pipeline.errors import DatasetError
+from pipeline.io import load_label_png
 
 
 def load_pseudo_label(path: Path, num_classes: int, shape: tuple[int, int]) -> np.ndarray:

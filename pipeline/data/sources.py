@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data.download import Archive, DownloadError, download_archives
+from pipeline.data.download import Archive, download_archives
+from pipeline.errors import DownloadError
 
 TFDS = "TensorFlow Datasets url_checksums"
 

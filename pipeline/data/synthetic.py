@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.config import SyntheticParams
-from pipeline.io import IGNORE
+from pipeline.data.layout import IGNORE
 
 
 @dataclass(frozen=True)
@@ -80,31 +80,6 @@ BODY_PALETTE = np.array(
 
 # A body colour closer than this (RGB distance) to the background's mean colour is not used on it.
 MIN_BODY_CONTRAST = 60.0
-
-
-# VOC's colour map for label ids 0..N; 255 (ignore) is drawn white-ish like VOC's void colour.
-def voc_palette(num: int = 256) -> list[tuple[int, int, int]]:
-    """Return the PASCAL VOC colour map (bit-interleaved) for ``num`` label ids.
-
-    Args:
-        num: Number of colours.
-
-    Returns:
-        A list of ``num`` RGB tuples; id 0 is black, 255 is VOC's void colour (224, 224, 192).
-    """
-    palette = []
-    for label in range(num):
-        r = g = b = 0
-        value = label
-        for bit in range(8):
-            r |= ((value >> 0) & 1) << (7 - bit)
-            g |= ((value >> 1) & 1) << (7 - bit)
-            b |= ((value >> 2) & 1) << (7 - bit)
-            value >>= 3
-        palette.append((r, g, b))
-    if num > IGNORE:
-        palette[IGNORE] = (224, 224, 192)
-    return palette
 
 
 def class_names() -> list[str]:

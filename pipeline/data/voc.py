@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.layout import PreparedDataset, write_index
+from pipeline.data.layout import IGNORE, PreparedDataset, voc_palette, write_index
 from pipeline.data.raw import (
     check_same_size,
     image_size,
@@ -37,8 +37,7 @@ from pipeline.data.raw import (
     reference,
     require,
 )
-from pipeline.data.synthetic import voc_palette
-from pipeline.io import IGNORE, save_label_png
+from pipeline.io import save_label_png
 
 log = logging.getLogger(__name__)
 

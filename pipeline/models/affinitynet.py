@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import AffinityNetParams, ConfigError
+from pipeline.config import AffinityNetParams
+from pipeline.errors import ConfigError
 from pipeline.models.pretrained import load_pretrained
 
 

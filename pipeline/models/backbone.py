@@ -10,7 +10,8 @@ from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import nn
 
 from pipeline.config import ModelParams
-from pipeline.models.pretrained import PretrainedError, load_pretrained
+from pipeline.errors import PretrainedError
+from pipeline.models.pretrained import load_pretrained
 
 __all__ = ["ConvStemPatchEmbed", "PretrainedError", "SwinBackbone", "build_backbone", "load_pretrained"]
 

@@ -26,7 +26,7 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import PretrainedError
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PROBE_TIMEOUT = 3.0
-
-
-class PretrainedError(UserError, ValueError):
-    """Pretrained weights that cannot be loaded; the message is one line for the user."""
 
 
 def is_weights_file(spec: str) -> bool:

@@ -7,8 +7,9 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.data.layout import DatasetError
-from pipeline.io import IGNORE, CamStore
+from pipeline.data.layout import IGNORE
+from pipeline.errors import DatasetError
+from pipeline.io import CamStore
 
 SeedMap = Literal["auto", "cam", "rcam"]
 

@@ -24,20 +24,16 @@ from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline import train
-from pipeline.errors import UserError
-from pipeline.io import IGNORE
-from pipeline.model_files import META, read_model_dir, save_model_dir
+from pipeline import runtime
+from pipeline.data.layout import IGNORE
+from pipeline.errors import SegModelError
+from pipeline.models.files import META, read_model_dir, save_model_dir
 
 log = logging.getLogger(__name__)
 
 ARCHS = {"deeplabv3plus": smp.DeepLabV3Plus, "deeplabv3": smp.DeepLabV3}
 META_FORMAT = "wsss-seg/1"
 PROBE_TIMEOUT_S = 3.0
-
-
-class SegModelError(UserError, ValueError):
-    """A segmentation model that cannot be built or loaded; the message is one line for the user."""
 
 
 class Segmenter(nn.Module):
@@ -283,7 +279,7 @@ def predict_probs(
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         x = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if scale != 1 else images
         for mirrored in (False, True) if flip else (False,):
-            with train.autocast(images.device, amp):
+            with runtime.autocast(images.device, amp):
                 logits = model(x.flip(-1) if mirrored else x)  # (B, K, h', w')
             logits = logits.float().flip(-1) if mirrored else logits.float()
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)  # (B, K, H, W)

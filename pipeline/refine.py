@@ -22,16 +22,17 @@ from tqdm import tqdm
 
 from pipeline.config import AffinityNetParams, RefineParams
 from pipeline.data.datasets import normalize
-from pipeline.data.layout import DatasetError, PreparedDataset
-from pipeline.io import IGNORE, save_label_png
+from pipeline.data.layout import IGNORE, PreparedDataset
+from pipeline.errors import DatasetError
+from pipeline.io import save_label_png
 from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
-from pipeline.model_files import read_model_dir
 from pipeline.models.affinitynet import AffinityNet
+from pipeline.models.files import read_model_dir
 from pipeline.parallel import map_ordered, resolve_workers
-from pipeline.refine.affinity import pair_affinities, radius_offsets
-from pipeline.refine.crf import dense_crf
-from pipeline.refine.random_walk import walk_seed_scores
-from pipeline.refine.seeds import (
+from pipeline.refinement.affinity import pair_affinities, radius_offsets
+from pipeline.refinement.crf import dense_crf
+from pipeline.refinement.random_walk import walk_seed_scores
+from pipeline.refinement.seeds import (
     argmax_labels,
     choose_seed_map,
     open_cam_store,

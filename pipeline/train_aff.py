@@ -17,15 +17,16 @@ import torch
 from dvclive import Live
 from tqdm import tqdm
 
-from pipeline import train
+from pipeline import runtime, training
 from pipeline.config import StageParams, TrainAffParams
 from pipeline.data.datasets import normalize
-from pipeline.data.layout import DatasetError, PreparedDataset
-from pipeline.io import IGNORE, CamStore
-from pipeline.model_files import save_model_dir
+from pipeline.data.layout import IGNORE, PreparedDataset
+from pipeline.errors import DatasetError, TrainingError
+from pipeline.io import CamStore
 from pipeline.models.affinitynet import AffinityNet
+from pipeline.models.files import save_model_dir
 from pipeline.parallel import map_ordered, resolve_workers
-from pipeline.refine.affinity import (
+from pipeline.refinement.affinity import (
     affinity_loss,
     confident_labels,
     grid_labels,
@@ -33,7 +34,7 @@ from pipeline.refine.affinity import (
     pair_label_masks,
     radius_offsets,
 )
-from pipeline.refine.seeds import choose_seed_map, open_cam_store
+from pipeline.refinement.seeds import choose_seed_map, open_cam_store
 
 log = logging.getLogger(__name__)
 GT_EVAL_IMAGES = 64  # images used for the ground-truth affinity check after each epoch
@@ -188,24 +189,24 @@ def train_affinity_net(
     store = open_cam_store(cams_dir)
     ids = store.ids
     if len(ids) < cfg.batch_size:
-        raise train.TrainingError(f"train_aff.batch_size={cfg.batch_size} exceeds the {len(ids)} images in {cams_dir}")
-    device = train.resolve_device(cfg.device)
-    train.set_threads(cfg.threads)
-    train.seed_everything(params.seed)
+        raise TrainingError(f"train_aff.batch_size={cfg.batch_size} exceeds the {len(ids)} images in {cams_dir}")
+    device = runtime.resolve_device(cfg.device)
+    runtime.set_threads(cfg.threads)
+    runtime.seed_everything(params.seed)
     mean, std = tuple(params.data.mean), tuple(params.data.std)
     model = AffinityNet(cfg.model).to(device)
     offsets = radius_offsets(cfg.radius)
     optimizer = torch.optim.AdamW(
-        train.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+        training.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
     )
     steps_per_epoch = len(ids) // cfg.batch_size
     total_steps, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = train.warmup_scheduler(optimizer, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
-    scaler = train.make_scaler(device, cfg.amp)
-    trainables = train.Trainables(model, optimizer, scheduler, scaler)
+    scheduler = training.warmup_scheduler(optimizer, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
+    scaler = runtime.make_scaler(device, cfg.amp)
+    trainables = training.Trainables(model, optimizer, scheduler, scaler)
 
     digest = params.digest()
-    state = train.resume(checkpoint, digest, trainables)
+    state = training.resume(checkpoint, digest, trainables)
     if state is not None:  # the affinity labels are checkpointed too, so a resumed run skips their CRFs
         labels, seed_map = [t.numpy() for t in state["labels"]], state["seed_map"]
         start_epoch, history = state["epoch"], list(state["history"])
@@ -224,11 +225,11 @@ def train_affinity_net(
 
     model.train()
     step = start_epoch * steps_per_epoch
-    ddp = train.Dist()
+    ddp = runtime.Dist()
     for epoch in range(start_epoch, cfg.epochs):
         sums: dict[str, float] = {}
         started = time.perf_counter()
-        batches = list(train.epoch_indices(len(ids), params.seed, epoch, ddp, cfg.batch_size))
+        batches = list(training.epoch_indices(len(ids), params.seed, epoch, ddp, cfg.batch_size))
         bar = tqdm(batches, desc=f"train_aff epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=None, mininterval=2)
         for batch in bar:
             crops = [
@@ -243,10 +244,10 @@ def train_affinity_net(
             ]
             images = torch.stack([normalize(np.ascontiguousarray(c[0]), mean, std) for c in crops]).to(device)
             masks = pair_label_masks(_grid_targets(model, [c[1] for c in crops]).to(device), offsets)
-            with train.autocast(device, cfg.amp):
+            with runtime.autocast(device, cfg.amp):
                 features = model(images)  # (B, F, h, w)
             terms = affinity_loss(pair_affinities(features.float(), offsets), masks)
-            train.check_finite(terms["total"], step)
+            training.check_finite(terms["total"], step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["total"]).backward()
             scaler.step(optimizer)
@@ -263,7 +264,7 @@ def train_affinity_net(
         history.append(record)
         _log_epoch(live, record)
         log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
-        train.save_progress(
+        training.save_progress(
             checkpoint,
             digest,
             trainables,

@@ -14,13 +14,14 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import train
+from pipeline import runtime
 from pipeline.config import CamsParams, ModelParams, SeedLocating
 from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_batches
-from pipeline.data.layout import DatasetError, PreparedDataset
+from pipeline.data.layout import PreparedDataset
+from pipeline.errors import DatasetError
 from pipeline.io import CamWriter
 from pipeline.metrics import SeedEvaluator, threshold_grid
-from pipeline.model_files import read_model_dir
+from pipeline.models.files import read_model_dir
 from pipeline.models.swtformer import Features, SWTformer, build_model, max_norm, with_background
 from pipeline.train_cls import evaluate_classifier
 from pipeline.viz import cam_gallery_row
@@ -119,8 +120,8 @@ def generate_cams(
         The headline metrics.
     """
     data = PreparedDataset.open(data_dir)
-    device = train.resolve_device(params.device)
-    train.set_threads(params.threads)
+    device = runtime.resolve_device(params.device)
+    runtime.set_threads(params.threads)
     model, meta = load_classifier(model_dir, device)
     mean, std = tuple(meta["mean"]), tuple(meta["std"])
     ids = data.split(params.split)

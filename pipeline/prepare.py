@@ -10,7 +10,7 @@ from tqdm import tqdm
 from pipeline.config import DataParams
 from pipeline.data import synthetic
 from pipeline.data.coco import prepare_coco
-from pipeline.data.layout import PreparedDataset, write_index
+from pipeline.data.layout import PreparedDataset, voc_palette, write_index
 from pipeline.data.voc import prepare_voc
 from pipeline.io import save_image_png, save_label_png
 from pipeline.parallel import map_ordered, resolve_workers
@@ -21,7 +21,7 @@ def _write_sample(item: tuple[str, int, int, DataParams, Path]) -> list[int]:
     image_id, index, seed, params, out = item
     image, mask, present = synthetic.generate_sample(index, seed, params.synthetic)
     save_image_png(out / "images" / f"{image_id}.png", image)
-    save_label_png(out / "masks" / f"{image_id}.png", mask, synthetic.voc_palette())
+    save_label_png(out / "masks" / f"{image_id}.png", mask, voc_palette())
     return present
 
 
@@ -46,7 +46,7 @@ def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDatas
     (out / "images").mkdir(parents=True)
     (out / "masks").mkdir()
     names = synthetic.class_names()
-    palette = synthetic.voc_palette()[: len(names)]
+    palette = voc_palette()[: len(names)]
     labels: dict[str, list[int]] = {}
     splits = {"train": ("train", params.synthetic.num_train, 0), "val": ("val", params.synthetic.num_val, 1_000_000)}
     lists: dict[str, list[str]] = {}

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import CrfParams
-from pipeline.io import IGNORE
-from pipeline.refine.crf import dense_crf
-from pipeline.refine.seeds import with_constant_background, with_power_background
+from pipeline.data.layout import IGNORE
+from pipeline.refinement.crf import dense_crf
+from pipeline.refinement.seeds import with_constant_background, with_power_background
 
 EPS = 1e-5  # PSA's epsilon in the log terms and the pair counts
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.refine.affinity import shifted
+from pipeline.refinement.affinity import shifted
 
 
 def transition_matrix(affinity: torch.Tensor, offsets: list[tuple[int, int]], beta: float) -> torch.Tensor:
