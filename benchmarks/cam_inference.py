@@ -18,10 +18,11 @@ import time
 import torch
 
 from pipeline import runtime
-from pipeline.cams import load_classifier, multiscale_maps, present_class_mask
+from pipeline.cams import multiscale_maps, present_class_mask
 from pipeline.config import load_params
 from pipeline.data.datasets import normalize
 from pipeline.data.layout import PreparedDataset
+from pipeline.models.swtformer import load_classifier
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ def naive_labels(jobs: list[tuple], num_labels: int, params) -> list[np.ndarray]
         scores = seed_scores(maps, params.bg_threshold)  # (K, H, W), as refine builds them
         full = np.zeros((num_labels, *scores.shape[1:]), np.float32)  # (1 + C, H, W)
         full[keys] = scores
-        out.append(dense_crf(image, full, params.crf).argmax(0).astype(np.uint8))
+        out.append(dense_crf(image, full, **params.crf.model_dump()).argmax(0).astype(np.uint8))
     return out
 
 

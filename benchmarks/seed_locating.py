@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import runtime
-from pipeline.cams import load_classifier, multiscale_maps, present_class_mask
+from pipeline.cams import multiscale_maps, present_class_mask
 from pipeline.config import load_params
 from pipeline.data.datasets import normalize
 from pipeline.data.layout import PreparedDataset
 from pipeline.metrics import SeedEvaluator, threshold_grid
 from pipeline.models import swtformer
-from pipeline.models.swtformer import with_background
+from pipeline.models.swtformer import load_classifier, with_background
 
 
 def ground_truth_seeds(batch_masks: list[np.ndarray], num_classes: int):

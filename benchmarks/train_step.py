@@ -32,7 +32,7 @@ def main() -> None:
     model_params = params.model.model_copy(update={"version": "v2"})
     size = params.train_cls.crop_size
     torch.manual_seed(0)
-    model = build_model(model_params, args.classes, size)
+    model = build_model(args.classes, size, **model_params.model_dump())
     model.train()
     images = torch.randn(args.batch, 3, size, size)
     labels = (torch.rand(args.batch, args.classes) < 0.3).float()
@@ -45,7 +45,7 @@ def main() -> None:
 
     def v2_step() -> None:
         out = model(images, mask)
-        swtformer_loss(out, labels, mask, params.loss)["total"].backward()
+        swtformer_loss(out, labels, mask, **params.loss.model_dump())["total"].backward()
 
     def timed(step) -> float:
         model.zero_grad(set_to_none=True)

@@ -10,36 +10,20 @@ import torch
 import torch.nn.functional as F
 from dvclive import Live
 from PIL import Image
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import runtime
-from pipeline.config import CamsParams, ModelParams, SeedLocating
+from pipeline.config import CamsParams, SeedLocating
 from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
-from pipeline.errors import DatasetError
 from pipeline.io import CamWriter
 from pipeline.metrics import SeedEvaluator, threshold_grid
-from pipeline.models.files import read_model_dir
-from pipeline.models.swtformer import Features, SWTformer, build_model, max_norm, with_background
-from pipeline.train_cls import evaluate_classifier
+from pipeline.models.swtformer import Features, SWTformer, load_classifier, max_norm, with_background
+from pipeline.validation import evaluate_classifier
 from pipeline.viz import cam_gallery_row
 
 log = logging.getLogger(__name__)
-
-
-def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[SWTformer, dict]:
-    """Rebuild the classifier from ``model.safetensors`` + ``meta.json`` written by ``train_cls``.
-
-    Raises:
-        DatasetError: If the model files are missing.
-    """
-    weights, meta = read_model_dir(model_dir, "classifier", "train_cls", DatasetError)
-    params = ModelParams.model_validate({**meta["model"], "pretrained": "none"})
-    model = build_model(params, meta["num_classes"], meta["img_size"])
-    model.load_state_dict(load_file(str(weights)))
-    return model.to(device).eval(), meta
 
 
 def present_class_mask(labels: list[list[int]], num_classes: int, device: torch.device) -> torch.Tensor:

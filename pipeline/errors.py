@@ -13,8 +13,8 @@ class DatasetError(UserError, ValueError):
     """A prepared dataset, CAM store or pseudo-label folder that is missing or inconsistent."""
 
 
-class ModelNotFoundError(UserError, FileNotFoundError):
-    """A model directory that a stage needs is missing or incomplete (the message names the stage that makes it)."""
+class ModelError(UserError, ValueError):
+    """A model directory that is missing, incomplete, or not loadable by this code (names the stage that makes it)."""
 
 
 class PretrainedError(UserError, ValueError):
@@ -31,3 +31,9 @@ class DownloadError(UserError, ValueError):
 
 class TrainingError(UserError, RuntimeError):
     """Training cannot go on (a non-finite loss, an impossible device or batch set-up)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import runtime
-from pipeline.config import CrfParams, EvaluateParams
+from pipeline.config import EvaluateParams
 from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.errors import DatasetError
@@ -56,9 +56,9 @@ class ConfusionSet:
         return out
 
 
-def crf_labels(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.ndarray:
+def crf_labels(image: np.ndarray, probs: np.ndarray, crf: dict[str, float]) -> np.ndarray:
     """Dense CRF on (K, H, W) probabilities of a (H, W, 3) uint8 image -> (H, W) uint8 argmax labels."""
-    return dense_crf(image, probs, params).argmax(0).astype(np.uint8)
+    return dense_crf(image, probs, **crf).argmax(0).astype(np.uint8)
 
 
 class CrfPool:
@@ -68,11 +68,11 @@ class CrfPool:
     submission order.
 
     Args:
-        params: CRF parameters.
+        params: Keyword arguments of :func:`dense_crf`.
         workers: Worker processes (0 = run in this process).
     """
 
-    def __init__(self, params: CrfParams, workers: int) -> None:
+    def __init__(self, params: dict[str, float], workers: int) -> None:
         self.params = params
         self.workers = workers
         self._pending: deque[tuple[str, Future]] = deque()
@@ -132,7 +132,7 @@ def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, 
     live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
     ids = data.split(params.split)
     confusions = ConfusionSet(["single_scale", "multi_scale"] + (["crf"] if params.use_crf else []), data.num_classes)
-    crf = CrfPool(params.crf, params.crf_workers) if params.use_crf else None
+    crf = CrfPool(params.crf.model_dump(), params.crf_workers) if params.use_crf else None
     panels = {image_id: [] for image_id in ids[: params.gallery_size]}  # id -> [image, predictions...]
 
     def add_crf(results: list[tuple[str, np.ndarray]]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import LossParams
 from pipeline.models.swtformer import max_norm
 
 
@@ -60,7 +59,16 @@ def ccl_loss(cam_bg: torch.Tensor, rcam: torch.Tensor, present: torch.Tensor, mo
 
 
 def swtformer_loss(
-    out: dict[str, torch.Tensor], labels: torch.Tensor, valid_mask: torch.Tensor, params: LossParams
+    out: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    valid_mask: torch.Tensor,
+    *,
+    cls_weight: float = 1.0,
+    gsc: bool = True,
+    gsc_weight: float = 1.0,
+    ccl: bool = True,
+    ccl_weight: float = 1.0,
+    ccl_mode: str = "literal",
 ) -> dict[str, torch.Tensor]:
     """All loss terms of one training step.
 
@@ -69,24 +77,29 @@ def swtformer_loss(
         labels: (B, C) image-level labels.
         valid_mask: (B, K, H, W) mask at image resolution: channel 0 = valid (non-padded) pixels, channel k =
             valid pixels times the label of class k.
-        params: The ``loss`` section.
+        cls_weight: Weight of the classification term.
+        gsc: Add the GSC term (V2 only).
+        gsc_weight: Its weight.
+        ccl: Add the CCL term (V2 only).
+        ccl_weight: Its weight.
+        ccl_mode: ``literal`` (paper Eq. 6) or ``contrastive``.
 
     Returns:
         ``{"cls": ..., ["gsc": ...], ["ccl": ...], "total": ...}`` (unweighted terms plus the weighted total).
     """
     terms = {"cls": classification_loss(out["logits"], labels)}
-    total = params.cls_weight * terms["cls"]
-    if "rcam" in out and (params.gsc or params.ccl):
+    total = cls_weight * terms["cls"]
+    if "rcam" in out and (gsc or ccl):
         size = out["rcam"].shape[-2:]
         mask = F.interpolate(valid_mask, size=size, mode="nearest")  # (B, K, H3, W3)
         cam = F.interpolate(out["cam_bg"], size=size, mode="bilinear", align_corners=True) * mask
         rcam = max_norm(out["rcam"])
-        if params.gsc:
+        if gsc:
             terms["gsc"] = gsc_loss(cam, rcam)
-            total = total + params.gsc_weight * terms["gsc"]
-        if params.ccl:
+            total = total + gsc_weight * terms["gsc"]
+        if ccl:
             present = (valid_mask.amax(dim=(2, 3)) > 0).to(cam.dtype)  # (B, K)
-            terms["ccl"] = ccl_loss(cam, rcam, present, params.ccl_mode)
-            total = total + params.ccl_weight * terms["ccl"]
+            terms["ccl"] = ccl_loss(cam, rcam, present, ccl_mode)
+            total = total + ccl_weight * terms["ccl"]
     terms["total"] = total
     return terms

@@ -10,26 +10,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from dvclive import Live
 from PIL import Image
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from pipeline.config import AffinityNetParams, RefineParams
-from pipeline.data.datasets import normalize
+from pipeline.config import RefineParams
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import save_label_png
 from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
-from pipeline.models.affinitynet import AffinityNet
-from pipeline.models.files import read_model_dir
+from pipeline.models.affinitynet import AffinityModel, load_affinity_model
 from pipeline.parallel import map_ordered, resolve_workers
-from pipeline.refinement.affinity import pair_affinities, radius_offsets
 from pipeline.refinement.crf import dense_crf
 from pipeline.refinement.random_walk import walk_seed_scores
 from pipeline.refinement.seeds import (
@@ -43,34 +38,6 @@ from pipeline.viz import label_gallery_row
 
 log = logging.getLogger(__name__)
 PSA_METHODS = ("psa", "psa_crf")
-
-
-@dataclass
-class AffinityModel:
-    """A trained AffinityNet with what inference needs: pair offsets, grid stride, normalisation."""
-
-    net: AffinityNet
-    offsets: list[tuple[int, int]]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @torch.no_grad()
-    def affinities(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 image -> (D, h, w) pair affinities on the model's grid."""
-        x = normalize(image, self.mean, self.std)[None]  # (1, 3, H, W)
-        return pair_affinities(self.net(x), self.offsets)[0]
-
-
-def load_affinity_model(model_dir: Path | str) -> AffinityModel:
-    """Rebuild the AffinityNet written by ``train_aff`` (on the CPU, in eval mode).
-
-    Raises:
-        DatasetError: If the model files are missing.
-    """
-    weights, meta = read_model_dir(model_dir, "affinity model", "train_aff", DatasetError)
-    net = AffinityNet(AffinityNetParams.model_validate({**meta["model"], "pretrained": "none"}))
-    net.load_state_dict(load_file(str(weights)))
-    return AffinityModel(net.eval(), radius_offsets(meta["radius"]), tuple(meta["mean"]), tuple(meta["std"]))
 
 
 def pseudo_label(
@@ -104,7 +71,7 @@ def pseudo_label(
         )
         scores = walked.numpy()
     if params.method in ("crf", "psa_crf"):
-        scores = dense_crf(image, scores, params.crf)
+        scores = dense_crf(image, scores, **params.crf.model_dump())
     return argmax_labels(scores, keys)
 
 

@@ -8,20 +8,21 @@ resumable checkpoint (deleted when training completes), like ``train_cls``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from dvclive import Live
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pipeline import runtime, training
 from pipeline.config import StageParams, TrainAffParams
 from pipeline.data.datasets import normalize
 from pipeline.data.layout import IGNORE, PreparedDataset
-from pipeline.errors import DatasetError, TrainingError
+from pipeline.errors import DatasetError
 from pipeline.io import CamStore
 from pipeline.models.affinitynet import AffinityNet
 from pipeline.models.files import save_model_dir
@@ -44,7 +45,7 @@ def _label_job(job: tuple) -> np.ndarray:
     image, maps, keys, cfg = job
     labels = cfg.labels
     fg, bg = (labels.fg_score, labels.bg_score) if labels.mode == "constant" else (labels.fg_alpha, labels.bg_alpha)
-    return confident_labels(image, maps, keys, labels.crf, fg, bg, labels.mode)
+    return confident_labels(image, maps, keys, labels.crf.model_dump(), fg, bg, labels.mode)
 
 
 def make_affinity_labels(
@@ -115,6 +116,50 @@ def _crop(image: np.ndarray, labels: np.ndarray, size: int, flip: bool, rng: np.
     if flip and rng.random() < 0.5:
         out_image, out_labels = out_image[:, ::-1], out_labels[:, ::-1]
     return out_image, out_labels
+
+
+class AffinityTrainSet(Dataset):
+    """Random crops of the training images with their affinity labels, normalised for the AffinityNet.
+
+    The crop of image ``i`` in epoch ``e`` depends only on ``(seed, e, i)``, so resumed runs are exact.
+
+    Args:
+        data: The prepared dataset.
+        ids: Image ids, in the order of ``labels``.
+        labels: (H, W) uint8 affinity labels per image (255 = ignore).
+        crop_size: Side of the square crops.
+        flip: Random horizontal flips.
+        mean: Normalisation mean.
+        std: Normalisation std.
+        seed: The global seed.
+    """
+
+    def __init__(
+        self,
+        data: PreparedDataset,
+        ids: list[str],
+        labels: list[np.ndarray],
+        crop_size: int,
+        flip: bool,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        seed: int,
+    ) -> None:
+        self.data, self.ids, self.labels = data, ids, labels
+        self.crop_size, self.flip, self.mean, self.std, self.seed = crop_size, flip, mean, std, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """``image`` (3, S, S) normalised, ``labels`` (S, S) uint8."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image, labels = _crop(self.data.load_image(self.ids[index]), self.labels[index], self.crop_size, self.flip, rng)
+        return {
+            "image": normalize(np.ascontiguousarray(image), self.mean, self.std),
+            "labels": torch.from_numpy(np.ascontiguousarray(labels)),
+        }
 
 
 def _pad_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -188,99 +233,47 @@ def train_affinity_net(
     data = PreparedDataset.open(data_dir)
     store = open_cam_store(cams_dir)
     ids = store.ids
-    if len(ids) < cfg.batch_size:
-        raise TrainingError(f"train_aff.batch_size={cfg.batch_size} exceeds the {len(ids)} images in {cams_dir}")
-    device = runtime.resolve_device(cfg.device)
-    runtime.set_threads(cfg.threads)
-    runtime.seed_everything(params.seed)
+    training.check_batch("train_aff", cfg.batch_size, len(ids))
+    run = training.setup("train_aff", cfg.device, cfg.threads, params.seed, cfg.batch_size)
     mean, std = tuple(params.data.mean), tuple(params.data.std)
-    model = AffinityNet(cfg.model).to(device)
-    offsets = radius_offsets(cfg.radius)
-    optimizer = torch.optim.AdamW(
-        training.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
-    )
-    steps_per_epoch = len(ids) // cfg.batch_size
-    total_steps, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = training.warmup_scheduler(optimizer, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
-    scaler = runtime.make_scaler(device, cfg.amp)
-    trainables = training.Trainables(model, optimizer, scheduler, scaler)
-
-    digest = params.digest()
-    state = training.resume(checkpoint, digest, trainables)
-    if state is not None:  # the affinity labels are checkpointed too, so a resumed run skips their CRFs
-        labels, seed_map = [t.numpy() for t in state["labels"]], state["seed_map"]
-        start_epoch, history = state["epoch"], list(state["history"])
-    else:
-        labels, seed_map = make_affinity_labels(data, store, ids, cfg)
-        start_epoch, history = 0, []
+    model = AffinityNet(**cfg.model.model_dump()).to(run.device)
+    groups = training.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+    labels, seed_map = make_affinity_labels(data, store, ids, cfg)
     quality = label_quality(data, ids, labels)
     gt_ids = [i for i in ids if data.mask_path(i).is_file()][:GT_EVAL_IMAGES]
-
-    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-    live.log_params({"device": str(device), "seed_map": seed_map, "resumed_at_epoch": start_epoch})
-    for name, value in quality.items():
-        live.log_metric(name, round(value, 5), plot=False)
-    for record in history:
-        _log_epoch(live, record)
-
-    model.train()
-    step = start_epoch * steps_per_epoch
-    ddp = runtime.Dist()
-    for epoch in range(start_epoch, cfg.epochs):
-        sums: dict[str, float] = {}
-        started = time.perf_counter()
-        batches = list(training.epoch_indices(len(ids), params.seed, epoch, ddp, cfg.batch_size))
-        bar = tqdm(batches, desc=f"train_aff epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=None, mininterval=2)
-        for batch in bar:
-            crops = [
-                _crop(
-                    data.load_image(ids[i]),
-                    labels[i],
-                    cfg.crop_size,
-                    cfg.flip,
-                    np.random.default_rng([params.seed, epoch, i]),
-                )
-                for i in batch
-            ]
-            images = torch.stack([normalize(np.ascontiguousarray(c[0]), mean, std) for c in crops]).to(device)
-            masks = pair_label_masks(_grid_targets(model, [c[1] for c in crops]).to(device), offsets)
-            with runtime.autocast(device, cfg.amp):
-                features = model(images)  # (B, F, h, w)
-            terms = affinity_loss(pair_affinities(features.float(), offsets), masks)
-            training.check_finite(terms["total"], step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["total"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.item()
-            bar.set_postfix(loss=f"{terms['total'].item():.3f}", refresh=False)
-        record = {f"train/loss_{k}": v / len(batches) for k, v in sums.items()}
-        record["train/lr"] = optimizer.param_groups[0]["lr"]
-        record["train/images_per_s"] = len(batches) * cfg.batch_size / (time.perf_counter() - started)
-        record.update(ground_truth_affinity(model, data, gt_ids, cfg.radius, mean, std, device))
-        history.append(record)
-        _log_epoch(live, record)
-        log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
-        training.save_progress(
-            checkpoint,
-            digest,
-            trainables,
-            epoch + 1,
-            history,
-            labels=[torch.from_numpy(y) for y in labels],
-            seed_map=seed_map,
-        )
-
-    _save_model(model, params, seed_map, model_dir)
-    live.end()
-    checkpoint.unlink(missing_ok=True)
+    task = training.Task(
+        "train_aff",
+        model,
+        torch.optim.AdamW(groups),
+        AffinityTrainSet(data, ids, labels, cfg.crop_size, cfg.flip, mean, std, params.seed),
+        _loss_step(model, run.device, cfg.amp, radius_offsets(cfg.radius)),
+        save=lambda trained: _save_model(trained, params, seed_map, model_dir),
+        validate=lambda epoch: ground_truth_affinity(model, data, gt_ids, cfg.radius, mean, std, run.device),
+        live_params={"seed_map": seed_map},
+        static_metrics=quality,
+    )
+    digest = f"{params.digest()}-{_fingerprint(labels)}"  # the labels too: they come from the CAM store
+    history = training.fit(task, training.Recipe.of(cfg), run, results_dir, checkpoint, digest)
     return {**quality, **(history[-1] if history else {})}
 
 
-def _log_epoch(live: Live, record: dict[str, float]) -> None:
-    for name, value in record.items():
-        live.log_metric(name, value)
-    live.next_step()
+def _loss_step(model: AffinityNet, device: torch.device, amp: bool, offsets: list[tuple[int, int]]) -> training.Step:
+    """The training step of :class:`pipeline.training.Task`: pair affinities against the pair labels."""
+
+    def step(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch["image"].to(device)  # (B, 3, S, S)
+        masks = pair_label_masks(_grid_targets(model, list(batch["labels"].numpy())).to(device), offsets)
+        with runtime.autocast(device, amp):
+            features = net(images)  # (B, F, h, w)
+        terms = affinity_loss(pair_affinities(features.float(), offsets), masks)
+        return terms["total"], {f"loss_{name}": value for name, value in terms.items()}
+
+    return step
+
+
+def _fingerprint(labels: list[np.ndarray]) -> str:
+    """A short hash of the affinity labels (a resumed run must train on the same ones)."""
+    digest = hashlib.sha256()
+    for label in labels:
+        digest.update(label.tobytes())
+    return digest.hexdigest()[:16]

@@ -8,56 +8,18 @@ checkpoint is deleted once training completes.
 
 from __future__ import annotations
 
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from dvclive import Live
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pipeline import runtime, training
 from pipeline.config import StageParams, TrainSegParams
-from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.data.seg_datasets import SegmentationTrainSet, labels_fingerprint
-from pipeline.errors import TrainingError
-from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
-from pipeline.models.deeplab import Segmenter, build_segmenter, predict_probs, save_segmenter, segmentation_loss
-
-log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def split_confusion(
-    model: Segmenter,
-    data: PreparedDataset,
-    split: str,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    device: torch.device,
-    amp: bool,
-    batch_size: int = 16,
-) -> np.ndarray:
-    """Single-scale confusion matrix of a split against its ground-truth masks (metrics only).
-
-    Returns:
-        (K, K) int64 matrix, rows = ground truth.
-    """
-    was_training = model.training
-    model.eval()
-    confusion = np.zeros((data.num_classes, data.num_classes), np.int64)
-    for ids, images in same_size_batches(data.split(split), data.load_image, batch_size):
-        x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
-        pred = predict_probs(model, x, (1.0,), False, amp).argmax(1).cpu().numpy()  # (B, H, W)
-        for row, image_id in enumerate(ids):
-            confusion += confusion_matrix(pred[row], data.load_mask(image_id), data.num_classes)
-    model.train(was_training)
-    return confusion
+from pipeline.metrics import iou_per_class, mean_iou
+from pipeline.models.deeplab import Segmenter, build_segmenter, save_segmenter, segmentation_loss
+from pipeline.validation import split_confusion
 
 
 def _meta(params: StageParams, data: PreparedDataset) -> dict[str, Any]:
@@ -108,114 +70,41 @@ def train_segmenter(
     """
     cfg = params.train_seg
     data = PreparedDataset.open(data_dir)
-    device = runtime.resolve_device(cfg.device)
-    ddp = runtime.init_distributed(device)
-    if ddp.world_size > 1 and device.type == "cuda":
-        device = runtime.resolve_device(cfg.device, ddp.local_rank)
-    if cfg.batch_size % ddp.world_size or cfg.batch_size // ddp.world_size < 2:
-        raise TrainingError(
-            f"train_seg.batch_size={cfg.batch_size} must split into >= 2 images for each of {ddp.world_size} "
-            "processes (batch norm needs 2)"
-        )
-    runtime.set_threads(cfg.threads)
-    runtime.seed_everything(params.seed)
-
+    run = training.setup("train_seg", cfg.device, cfg.threads, params.seed, cfg.batch_size, min_per_rank=2)
     mean, std = tuple(params.data.mean), tuple(params.data.std)
     trainset = SegmentationTrainSet(
         data, cfg.split, labels_dir, cfg.crop_size, cfg.scale_range, cfg.flip, mean, std, params.seed
     )
-    per_rank = cfg.batch_size // ddp.world_size
-    steps_per_epoch = len(trainset) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise TrainingError(f"train_seg.batch_size={cfg.batch_size} exceeds the {len(trainset)} images")
-    total_steps = steps_per_epoch * cfg.epochs
-
     model = build_segmenter(
         cfg.arch, cfg.encoder, data.num_classes, cfg.encoder_weights, cfg.output_stride, cfg.decoder_channels
-    ).to(device)
-    optimizer = _make_optimizer(cfg, model)
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = training.warmup_scheduler(optimizer, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
-    scaler = runtime.make_scaler(device, cfg.amp)
-    trainables = training.Trainables(model, optimizer, scheduler, scaler)
+    ).to(run.device)
 
-    digest = f"{params.digest()}-{labels_fingerprint(Path(labels_dir), trainset.ids)}"
-    state = training.resume(checkpoint, digest, trainables)  # the digest covers the pseudo labels too
-    start_epoch, history = (state["epoch"], list(state["history"])) if state else (0, [])
+    def step(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch["image"].to(run.device, non_blocking=True)  # (B, 3, S, S)
+        target = batch["label"].to(run.device, non_blocking=True)  # (B, S, S)
+        with runtime.autocast(run.device, cfg.amp):
+            logits = net(images)  # (B, K, S, S)
+        loss = segmentation_loss(logits, target)
+        return loss, {"loss": loss}
 
-    net: torch.nn.Module = model
-    if ddp.world_size > 1:
-        if device.type == "cuda":
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = DistributedDataParallel(net)
-    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None) if ddp.is_main else None
-    if live is not None:
-        live.log_params({"world_size": ddp.world_size, "device": str(device), "resumed_at_epoch": start_epoch})
-        for record in history:
-            _log_epoch(live, record)
+    def validate(epoch: int) -> dict[str, float]:
+        last = epoch + 1 == cfg.epochs
+        if not (last or (cfg.val_every and (epoch + 1) % cfg.val_every == 0)):
+            return {}
+        confusion = split_confusion(model, data, "val", mean, std, run.device, cfg.amp)
+        ious = zip(data.class_names, iou_per_class(confusion), strict=True) if last else ()
+        return {"val/miou": mean_iou(confusion), **{f"val/iou/{name}": float(iou) for name, iou in ious}}
 
-    step = start_epoch * steps_per_epoch
-    model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        trainset.epoch = epoch
-        batches = list(training.epoch_indices(len(trainset), params.seed, epoch, ddp, per_rank))
-        loader = DataLoader(trainset, batch_sampler=batches, num_workers=cfg.num_workers)
-        loss_sum, started = 0.0, time.perf_counter()
-        bar = tqdm(
-            loader,
-            desc=f"train_seg epoch {epoch + 1}/{cfg.epochs}",
-            unit="step",
-            disable=None if ddp.is_main else True,
-            mininterval=2,
-        )
-        for batch in bar:
-            images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
-            target = batch["label"].to(device, non_blocking=True)  # (B, S, S)
-            with runtime.autocast(device, cfg.amp):
-                logits = net(images)  # (B, K, S, S)
-            loss = segmentation_loss(logits, target)
-            training.check_finite(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            loss_sum += loss.item()
-            rate = len(images) * ddp.world_size * bar.n / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}", refresh=False)
-        record: dict[str, Any] = {
-            "train/loss": loss_sum / len(batches),
-            "train/lr": optimizer.param_groups[0]["lr"],
-            "train/images_per_s": len(batches) * cfg.batch_size / (time.perf_counter() - started),
-        }
-        if ddp.is_main:
-            last = epoch + 1 == cfg.epochs
-            if last or (cfg.val_every and (epoch + 1) % cfg.val_every == 0):
-                confusion = split_confusion(model, data, "val", mean, std, device, cfg.amp)
-                record["val/miou"] = mean_iou(confusion)
-                if last:
-                    ious = zip(data.class_names, iou_per_class(confusion), strict=True)
-                    record.update({f"val/iou/{name}": float(iou) for name, iou in ious})
-            history.append(record)
-            _log_epoch(live, record)
-            log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
-            training.save_progress(checkpoint, digest, trainables, epoch + 1, history, step=step)
-
-    final = {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}
-    if ddp.is_main:
-        save_segmenter(model, _meta(params, data), model_dir)
-        live.end()
-        checkpoint.unlink(missing_ok=True)
-    runtime.cleanup_distributed()
-    return final
-
-
-def _log_epoch(live: Live, record: dict[str, float]) -> None:
-    for name, value in record.items():
-        if not np.isnan(value):
-            live.log_metric(name, value, plot="/iou/" not in name)
-    live.next_step()
+    task = training.Task(
+        "train_seg",
+        model,
+        _make_optimizer(cfg, model),
+        trainset,
+        step,
+        save=lambda trained: save_segmenter(trained, _meta(params, data), model_dir),
+        validate=validate,
+        sync_batchnorm=True,
+    )
+    digest = f"{params.digest()}-{labels_fingerprint(Path(labels_dir), trainset.ids)}"  # the pseudo labels too
+    history = training.fit(task, training.Recipe.of(cfg), run, results_dir, checkpoint, digest)
+    return {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}

@@ -1,18 +1,31 @@
-"""Training-loop pieces shared by the training stages: devices, DDP, seeding, schedules, checkpoints."""
+"""The one training loop (:func:`fit`) and its pieces: schedules, parameter groups, checkpoints, resume.
+
+Every trainer (``train_cls``, ``train_aff``, ``train_seg``) builds its data, model, optimiser and loss step, and
+hands them to :func:`fit` as a :class:`Task`. :func:`fit` owns the rest: the learning-rate schedule, mixed
+precision (scaler), gradient clipping, the non-finite-loss guard, DDP, per-epoch records logged with dvclive,
+the resumable checkpoint (a re-run with the same configuration resumes; another configuration starts fresh
+with a warning; the checkpoint is deleted once training completes) and the final save.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from dvclive import Live
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from pipeline import runtime
 from pipeline.errors import TrainingError
 from pipeline.io import atomic_path
 from pipeline.runtime import Dist
@@ -172,3 +185,225 @@ def epoch_indices(num_samples: int, seed: int, epoch: int, ddp: Dist, batch_size
     for start in range(0, num_samples - global_batch + 1, global_batch):
         chunk = order[start : start + global_batch]
         yield chunk[ddp.rank :: ddp.world_size].tolist()
+
+
+@dataclass(frozen=True)
+class Run:
+    """The process a trainer runs in: its device, its place in a (possibly single-process) DDP run, the seed."""
+
+    device: torch.device
+    dist: Dist
+    seed: int
+
+
+def setup(name: str, device: str, threads: int, seed: int, batch_size: int, min_per_rank: int = 1) -> Run:
+    """Pick the device, join the DDP group under ``torchrun``, check the batch split, set threads and seed.
+
+    Args:
+        name: The trainer's params section (for messages).
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        threads: torch intra-op threads (0 keeps torch's default).
+        seed: The global seed.
+        batch_size: The global batch size, split evenly across the processes.
+        min_per_rank: The fewest images one process may get (2 where batch norm needs them).
+
+    Raises:
+        TrainingError: If CUDA is missing or the batch does not split.
+    """
+    resolved = runtime.resolve_device(device)
+    dist = runtime.init_distributed(resolved)
+    if dist.world_size > 1 and resolved.type == "cuda":
+        resolved = runtime.resolve_device(device, dist.local_rank)
+    if batch_size % dist.world_size or batch_size // dist.world_size < min_per_rank:
+        why = " (batch norm needs 2)" if min_per_rank > 1 else ""
+        raise TrainingError(
+            f"{name}.batch_size={batch_size} must split into >= {min_per_rank} images for each of "
+            f"{dist.world_size} processes{why}"
+        )
+    runtime.set_threads(threads)
+    runtime.seed_everything(seed)
+    return Run(resolved, dist, seed)
+
+
+def check_batch(name: str, batch_size: int, num_samples: int) -> None:
+    """Stop early when one batch needs more images than there are.
+
+    Raises:
+        TrainingError: If ``batch_size > num_samples``.
+    """
+    if batch_size > num_samples:
+        raise TrainingError(f"{name}.batch_size={batch_size} exceeds the {num_samples} images")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The schedule and loop settings of a trainer's params section (without ``grad_clip`` or ``num_workers``: 0)."""
+
+    epochs: int
+    batch_size: int
+    warmup_epochs: float
+    schedule: str
+    min_lr_ratio: float
+    amp: bool
+    grad_clip: float = 0.0
+    num_workers: int = 0
+
+    @classmethod
+    def of(cls, section: Any) -> Recipe:
+        """The recipe of a params section (``train_cls``, ``train_aff`` or ``train_seg``)."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
+
+
+Step = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Task:
+    """What one trainer hands to :func:`fit`: the parts that differ between trainers.
+
+    Attributes:
+        name: The params section (``train_cls``): progress bars, logs and messages.
+        model: The module to train and save.
+        optimizer: Its optimiser; :func:`fit` adds the warm-up + decay schedule.
+        trainset: A map-style dataset whose ``epoch`` attribute :func:`fit` sets before each epoch (augmentation
+            seeded by ``(seed, epoch, index)`` makes resumed runs exact).
+        step: ``step(net, batch) -> (loss, terms)``: the forward pass through ``net`` (``model``, or its DDP
+            wrapper) and the loss to minimise; each term is averaged over the epoch into ``train/<term>``.
+        save: Writes the trained model (main process only).
+        validate: ``validate(epoch) -> metrics`` after each epoch (0-based), on the main process.
+        live_params: Extra run parameters for dvclive.
+        static_metrics: Metrics logged once (not per epoch), e.g. the quality of the training labels.
+        find_unused_parameters: DDP must allow parameters without a gradient.
+        sync_batchnorm: Use synchronised batch norm across CUDA processes.
+    """
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    trainset: Dataset
+    step: Step
+    save: Callable[[nn.Module], None]
+    validate: Callable[[int], dict[str, float]] | None = None
+    live_params: dict[str, Any] = field(default_factory=dict)
+    static_metrics: dict[str, float] = field(default_factory=dict)
+    find_unused_parameters: bool = False
+    sync_batchnorm: bool = False
+
+
+def fit(task: Task, recipe: Recipe, run: Run, results_dir: Path, checkpoint: Path, digest: str) -> list[dict]:
+    """Train ``task.model`` for ``recipe.epochs`` epochs; resume from ``checkpoint`` when it matches ``digest``.
+
+    Args:
+        task: What is trained and how one step computes its loss.
+        recipe: Epochs, global batch size, schedule, AMP, gradient clipping, DataLoader workers.
+        run: Device, DDP rank information and seed (:func:`setup`).
+        results_dir: dvclive directory (per-epoch curves, final metrics).
+        checkpoint: The resumable checkpoint, written after every epoch and deleted at the end.
+        digest: Hash of everything the run depends on; a checkpoint with another digest is ignored.
+
+    Returns:
+        The per-epoch records (empty on processes other than the main one).
+
+    Raises:
+        TrainingError: On a non-finite loss, or a batch larger than the training set.
+    """
+    check_batch(task.name, recipe.batch_size, len(task.trainset))
+    steps = len(task.trainset) // recipe.batch_size
+    warmup = round(recipe.warmup_epochs * steps)
+    scheduler = warmup_scheduler(task.optimizer, steps * recipe.epochs, warmup, recipe.schedule, recipe.min_lr_ratio)
+    trainables = Trainables(task.model, task.optimizer, scheduler, runtime.make_scaler(run.device, recipe.amp))
+    state = resume(checkpoint, digest, trainables)
+    start, history = (state["epoch"], list(state["history"])) if state else (0, [])
+    net = _parallel(task, run)
+    live = _open_live(task, run, results_dir, start, history)
+    task.model.train()
+    for epoch in range(start, recipe.epochs):
+        record = _train_epoch(task, recipe, run, net, trainables, epoch, epoch * steps)
+        if run.dist.is_main:
+            record.update(task.validate(epoch) if task.validate is not None else {})
+            history.append(record)
+            log_epoch(live, record)
+            log.info("%s epoch %d/%d: %s", task.name, epoch + 1, recipe.epochs, _describe(record))
+            save_progress(checkpoint, digest, trainables, epoch + 1, history, step=(epoch + 1) * steps)
+    if run.dist.is_main:
+        task.save(task.model)
+        live.end()
+        checkpoint.unlink(missing_ok=True)
+    runtime.cleanup_distributed()
+    return history
+
+
+def _train_epoch(
+    task: Task, recipe: Recipe, run: Run, net: nn.Module, trainables: Trainables, epoch: int, step: int
+) -> dict[str, float]:
+    """One pass over this process's share of the training set; returns the epoch's ``train/...`` record."""
+    task.trainset.epoch = epoch
+    per_rank = recipe.batch_size // run.dist.world_size
+    batches = list(epoch_indices(len(task.trainset), run.seed, epoch, run.dist, per_rank))
+    loader = DataLoader(task.trainset, batch_sampler=batches, num_workers=recipe.num_workers)
+    sums: dict[str, float] = {}
+    started = time.perf_counter()
+    desc = f"{task.name} epoch {epoch + 1}/{recipe.epochs}"
+    bar = tqdm(loader, desc=desc, unit="step", disable=None if run.dist.is_main else True, mininterval=2)
+    for batch in bar:
+        loss, terms = task.step(net, batch)
+        check_finite(loss, step)
+        _update(trainables, loss, recipe.grad_clip)
+        step += 1
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.item()
+        rate = recipe.batch_size * bar.n / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}", refresh=False)
+    record: dict[str, float] = {f"train/{name}": total / len(batches) for name, total in sums.items()}
+    record["train/lr"] = trainables.optimizer.param_groups[0]["lr"]
+    record["train/images_per_s"] = len(batches) * recipe.batch_size / (time.perf_counter() - started)
+    return record
+
+
+def _update(trainables: Trainables, loss: torch.Tensor, grad_clip: float) -> None:
+    """Backward (through the AMP scaler), optional gradient-norm clipping, optimiser and schedule step."""
+    optimizer, scaler = trainables.optimizer, trainables.scaler
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainables.model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    trainables.scheduler.step()
+
+
+def _parallel(task: Task, run: Run) -> nn.Module:
+    """The module the steps run: ``task.model`` alone, or wrapped in DDP under ``torchrun``."""
+    if run.dist.world_size == 1:
+        return task.model
+    module = task.model
+    if task.sync_batchnorm and run.device.type == "cuda":
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return DistributedDataParallel(module, find_unused_parameters=task.find_unused_parameters)
+
+
+def _open_live(task: Task, run: Run, results_dir: Path, start: int, history: list[dict]) -> Live | None:
+    """Dvclive on the main process, with the run's parameters, the static metrics and the replayed history."""
+    if not run.dist.is_main:
+        return None
+    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    base = {"world_size": run.dist.world_size, "device": str(run.device), "resumed_at_epoch": start}
+    live.log_params({**base, **task.live_params})
+    for name, value in task.static_metrics.items():
+        live.log_metric(name, round(value, 5), plot=False)
+    for record in history:
+        log_epoch(live, record)
+    return live
+
+
+def log_epoch(live: Live, record: dict[str, float]) -> None:
+    """Log one epoch's record and advance dvclive's step; NaN values are skipped, per-class IoUs get no plot."""
+    for name, value in record.items():
+        if not np.isnan(value):
+            live.log_metric(name, value, plot="/iou/" not in name)
+    live.next_step()
+
+
+def _describe(record: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in record.items())

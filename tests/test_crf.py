@@ -39,7 +39,7 @@ PARAMS = CrfParams(iterations=10, bilateral_sxy=20, bilateral_srgb=13)
 def test_crf_snaps_a_blurry_seed_to_the_colour_edge(centre):
     seed = blurry_seed(centre)
     assert abs(boundary_column(seed.argmax(0)) - centre) <= 1  # the seed's boundary is off the edge
-    posterior = dense_crf(two_colour_image(), seed, PARAMS)
+    posterior = dense_crf(two_colour_image(), seed, **PARAMS.model_dump())
     assert posterior.shape == seed.shape and posterior.dtype == np.float32
     np.testing.assert_allclose(posterior.sum(0), 1.0, atol=1e-4)
     assert boundary_column(posterior.argmax(0)) == EDGE
@@ -48,14 +48,14 @@ def test_crf_snaps_a_blurry_seed_to_the_colour_edge(centre):
 def test_without_pairwise_terms_the_posterior_is_the_normalised_unary():
     seed = blurry_seed(11.0)
     params = CrfParams(gauss_compat=0, bilateral_compat=0, iterations=5)
-    np.testing.assert_allclose(dense_crf(two_colour_image(), seed, params), seed, atol=1e-5)
+    np.testing.assert_allclose(dense_crf(two_colour_image(), seed, **params.model_dump()), seed, atol=1e-5)
 
 
 def test_unnormalised_scores_give_the_normalised_result():
     seed = blurry_seed(11.0)
     scaled = seed * np.linspace(0.5, 3.0, SIZE, dtype=np.float32)[None, None, :]  # per-pixel scale
-    a = dense_crf(two_colour_image(), seed, PARAMS)
-    b = dense_crf(two_colour_image(), scaled, PARAMS)
+    a = dense_crf(two_colour_image(), seed, **PARAMS.model_dump())
+    b = dense_crf(two_colour_image(), scaled, **PARAMS.model_dump())
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
@@ -63,12 +63,12 @@ def test_restricted_label_set_with_three_labels():
     # three labels: bg + two classes, the third class is nowhere likely -> never chosen
     seed = blurry_seed(11.0)
     probs = np.concatenate([seed, np.full((1, SIZE, SIZE), 0.01, np.float32)])
-    labels = dense_crf(two_colour_image(), probs, PARAMS).argmax(0)
+    labels = dense_crf(two_colour_image(), probs, **PARAMS.model_dump()).argmax(0)
     assert set(np.unique(labels)) == {0, 1}
 
 
 def test_single_label_is_certain():
-    out = dense_crf(two_colour_image(), np.full((1, SIZE, SIZE), 0.3, np.float32), PARAMS)
+    out = dense_crf(two_colour_image(), np.full((1, SIZE, SIZE), 0.3, np.float32), **PARAMS.model_dump())
     np.testing.assert_array_equal(out, np.ones((1, SIZE, SIZE), np.float32))
 
 
@@ -89,7 +89,7 @@ def test_normalise_probs_handles_negatives_and_zeros():
 )
 def test_bad_inputs_raise(image, probs):
     with pytest.raises(ValueError):
-        dense_crf(image, probs, PARAMS)
+        dense_crf(image, probs, **PARAMS.model_dump())
 
 
 @pytest.mark.parametrize("bad", [{"iterations": 0}, {"gauss_sxy": 0}, {"bilateral_compat": -1}, {"bogus": 1}])

@@ -120,7 +120,7 @@ def test_swtformer_loss_v2_terms_and_total():
     out = v2_outputs()
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     params = LossParams(cls_weight=2.0, gsc_weight=3.0, ccl_weight=0.5)
-    terms = swtformer_loss(out, labels, valid_mask_for(labels), params)
+    terms = swtformer_loss(out, labels, valid_mask_for(labels), **params.model_dump())
     assert set(terms) == {"cls", "gsc", "ccl", "total"}
     assert_close(terms["cls"], F.multilabel_soft_margin_loss(out["logits"], labels))
     assert_close(terms["total"], 2.0 * terms["cls"] + 3.0 * terms["gsc"] + 0.5 * terms["ccl"])
@@ -133,7 +133,7 @@ def test_swtformer_loss_gsc_zero_when_cam_equals_rcam():
     rcam = torch.rand(1, 3, 4, 4)
     rcam = rcam / rcam.amax(dim=(2, 3), keepdim=True)
     out = {"logits": torch.zeros(1, 2), "cam_bg": rcam.clone(), "rcam": rcam}
-    terms = swtformer_loss(out, labels, valid_mask_for(labels, 4), LossParams())
+    terms = swtformer_loss(out, labels, valid_mask_for(labels, 4), **LossParams().model_dump())
     assert_close(terms["gsc"], torch.tensor(0.0), atol=1e-4, rtol=0)
     assert_close(terms["ccl"], torch.tensor(2 / 9), atol=1e-4, rtol=0)
 
@@ -142,12 +142,12 @@ def test_swtformer_loss_switches_off_terms():
     out = v2_outputs()
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     mask = valid_mask_for(labels)
-    off = swtformer_loss(out, labels, mask, LossParams(gsc=False, ccl=False))
+    off = swtformer_loss(out, labels, mask, **LossParams(gsc=False, ccl=False).model_dump())
     assert set(off) == {"cls", "total"}
     assert_close(off["total"], off["cls"])
-    only_gsc = swtformer_loss(out, labels, mask, LossParams(ccl=False))
+    only_gsc = swtformer_loss(out, labels, mask, **LossParams(ccl=False).model_dump())
     assert set(only_gsc) == {"cls", "gsc", "total"}
-    only_ccl = swtformer_loss(out, labels, mask, LossParams(gsc=False, ccl_mode="contrastive"))
+    only_ccl = swtformer_loss(out, labels, mask, **LossParams(gsc=False, ccl_mode="contrastive").model_dump())
     assert set(only_ccl) == {"cls", "ccl", "total"}
 
 
@@ -155,14 +155,14 @@ def test_swtformer_loss_v1_outputs_only_cls():
     out = v2_outputs()
     v1 = {"logits": out["logits"], "cam": torch.rand(2, 3, 2, 2)}
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    terms = swtformer_loss(v1, labels, valid_mask_for(labels), LossParams())
+    terms = swtformer_loss(v1, labels, valid_mask_for(labels), **LossParams().model_dump())
     assert set(terms) == {"cls", "total"}
 
 
 def test_swtformer_loss_gradients_reach_both_maps():
     out = {k: v.requires_grad_() for k, v in v2_outputs().items()}
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    swtformer_loss(out, labels, valid_mask_for(labels), LossParams())["total"].backward()
+    swtformer_loss(out, labels, valid_mask_for(labels), **LossParams().model_dump())["total"].backward()
     for name in ("logits", "cam_bg", "rcam"):
         assert out[name].grad is not None and out[name].grad.abs().sum() > 0
 
@@ -172,6 +172,6 @@ def test_gsc_uses_max_normalised_rcam():
     rcam = torch.full((1, 2, 2, 2), 0.25)
     cam_bg = torch.ones(1, 2, 2, 2)
     out = {"logits": torch.zeros(1, 1), "cam_bg": cam_bg, "rcam": rcam}
-    terms = swtformer_loss(out, labels, valid_mask_for(labels, 2), LossParams(ccl=False))
+    terms = swtformer_loss(out, labels, valid_mask_for(labels, 2), **LossParams(ccl=False).model_dump())
     assert_close(terms["gsc"], gsc_loss(cam_bg, max_norm(rcam)))
     assert terms["gsc"].item() < 1e-4

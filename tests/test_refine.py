@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pipeline.config import AffinityLabelParams, AffinityNetParams, CrfParams, RefineParams, TrainAffParams
-from pipeline.models.affinitynet import AffinityNet
+from pipeline.models.affinitynet import AffinityModel, AffinityNet
 from pipeline.parallel import resolve_workers
-from pipeline.refine import AffinityModel, pseudo_label, pseudo_labels
+from pipeline.refine import pseudo_label, pseudo_labels
 from pipeline.refinement.affinity import (
     affinity_loss,
     confident_labels,
@@ -142,10 +142,10 @@ def test_confident_labels_three_states():
     maps = np.zeros((2, 1, 3), np.float32)
     maps[1, 0] = [0.9, 0.45, 0.1]
     keys = np.array([0, 4])
-    labels = confident_labels(image, maps, keys, NO_PAIRWISE, 0.6, 0.3, "constant")
+    labels = confident_labels(image, maps, keys, NO_PAIRWISE.model_dump(), 0.6, 0.3, "constant")
     np.testing.assert_array_equal(labels, [[4, 255, 0]])
     # power mode: bg = (1 - 0.9)^a, (0.55)^a, (0.9)^a; a=1 -> fg only at 0.9; a=8 -> bg only at 0.1 (0.43 > 0.1)
-    labels = confident_labels(image, maps, keys, NO_PAIRWISE, 1.0, 8.0, "power")
+    labels = confident_labels(image, maps, keys, NO_PAIRWISE.model_dump(), 1.0, 8.0, "power")
     np.testing.assert_array_equal(labels, [[4, 255, 0]])
 
 
@@ -209,7 +209,7 @@ TINY_NET = AffinityNetParams(backbone="regnetx_002", out_indices=(1, 2), project
 
 def test_affinitynet_grid_and_affinities():
     torch.manual_seed(0)
-    net = AffinityNet(TINY_NET).eval()
+    net = AffinityNet(**TINY_NET.model_dump()).eval()
     assert net.stride == 4 and net.pad_multiple == 8
     assert net.grid_size(50, 70) == (14, 18)
     with torch.no_grad():
@@ -224,7 +224,7 @@ def test_affinitynet_unknown_backbone_is_a_config_error():
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no_such_net"):
-        AffinityNet(TINY_NET.model_copy(update={"backbone": "no_such_net"}))
+        AffinityNet(**{**TINY_NET.model_dump(), "backbone": "no_such_net"})
 
 
 # --- pseudo labels and the pool ---------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def _jobs(count: int, size: int = 24):
 @pytest.fixture(scope="module")
 def tiny_affinity_model() -> AffinityModel:
     torch.manual_seed(0)
-    return AffinityModel(AffinityNet(TINY_NET).eval(), radius_offsets(3), (0.5,) * 3, (0.25,) * 3)
+    return AffinityModel(AffinityNet(**TINY_NET.model_dump()).eval(), radius_offsets(3), (0.5,) * 3, (0.25,) * 3)
 
 
 @pytest.mark.parametrize("method", ["none", "crf", "psa", "psa_crf"])

@@ -225,7 +225,7 @@ def test_crf_in_worker_processes_matches_the_serial_crf():
     ]
     results = {}
     for workers in (0, 2):
-        pool = CrfPool(params, workers)
+        pool = CrfPool(params.model_dump(), workers)
         done = [item for job in jobs for item in pool.submit(*job)] + pool.finish()
         results[workers] = done
     assert [key for key, _ in results[2]] == [key for key, *_ in jobs], "results come back in submission order"

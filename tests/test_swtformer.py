@@ -30,9 +30,20 @@ def tiny_params(**update) -> ModelParams:
     return ModelParams(**{"version": "v2", "swin": TINY_SWIN, "hff_dims": (4, 4, 8, 8), **update})
 
 
+def backbone_of(params: ModelParams):
+    return build_backbone(
+        params.backbone,
+        IMG,
+        swin=params.swin.model_dump(),
+        pretrained=params.pretrained,
+        drop_path_rate=params.drop_path_rate,
+        final_norm=params.final_norm,
+    )
+
+
 def tiny_model(version: str = "v2", seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(tiny_params(version=version), NUM_CLASSES, IMG).eval()
+    return build_model(NUM_CLASSES, IMG, **tiny_params(version=version).model_dump()).eval()
 
 
 # --- small functions -------------------------------------------------------------------------------------------
@@ -204,7 +215,7 @@ def test_hff_without_detach_reaches_inputs():
 
 
 def test_backbone_odd_input_sizes_nchw():
-    backbone = build_backbone(tiny_params(), IMG).eval()
+    backbone = backbone_of(tiny_params()).eval()
     assert backbone.strides == [2, 4, 8, 16]
     assert backbone.channels == [8, 16, 32, 64]
     with torch.no_grad():
@@ -215,7 +226,7 @@ def test_backbone_odd_input_sizes_nchw():
 
 
 def test_backbone_eval_uses_fused_attention_with_the_same_result():
-    backbone = build_backbone(tiny_params(swin=TINY_SWIN.model_copy(update={"depths": (2, 2, 2, 2)})), IMG)
+    backbone = backbone_of(tiny_params(swin=TINY_SWIN.model_copy(update={"depths": (2, 2, 2, 2)})))
     x = torch.randn(2, 3, 40, 36)  # the second block of each stage attends in shifted windows, under a mask
     assert backbone.attentions and not any(a.fused_attn for a in backbone.attentions)
     with torch.no_grad():
@@ -298,25 +309,25 @@ def test_new_modules():
 
 def test_pretrained_missing_file(tmp_path):
     with pytest.raises(PretrainedError, match="not found"):
-        build_backbone(tiny_params(pretrained=str(tmp_path / "nope.safetensors")), IMG)
+        backbone_of(tiny_params(pretrained=str(tmp_path / "nope.safetensors")))
 
 
 def test_pretrained_without_matching_weights(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"something.else": torch.zeros(3)}, str(path))
     with pytest.raises(PretrainedError, match="no weights"):
-        build_backbone(tiny_params(pretrained=str(path)), IMG)
+        backbone_of(tiny_params(pretrained=str(path)))
 
 
 def test_pretrained_safetensors_really_load(tmp_path):
     torch.manual_seed(1)
-    source = build_backbone(tiny_params(), IMG).eval()
+    source = backbone_of(tiny_params()).eval()
     path = tmp_path / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
     torch.manual_seed(2)
-    fresh = build_backbone(tiny_params(), IMG).eval()
+    fresh = backbone_of(tiny_params()).eval()
     torch.manual_seed(2)
-    loaded = build_backbone(tiny_params(pretrained=str(path)), IMG).eval()
+    loaded = backbone_of(tiny_params(pretrained=str(path))).eval()
     x = torch.randn(1, 3, IMG, IMG)
     with torch.no_grad():
         want, got, before = source(x)[-1], loaded(x)[-1], fresh(x)[-1]
@@ -326,22 +337,22 @@ def test_pretrained_safetensors_really_load(tmp_path):
 
 def test_pretrained_pth_checkpoint_with_model_key(tmp_path):
     torch.manual_seed(1)
-    source = build_backbone(tiny_params(), IMG).eval()
+    source = backbone_of(tiny_params()).eval()
     path = tmp_path / "weights.pth"
     torch.save({"model": source.model.state_dict()}, path)
     torch.manual_seed(2)
-    loaded = build_backbone(tiny_params(pretrained=str(path)), IMG).eval()
+    loaded = backbone_of(tiny_params(pretrained=str(path))).eval()
     x = torch.randn(1, 3, IMG, IMG)
     with torch.no_grad():
         assert_close(loaded(x)[0], source(x)[0])
 
 
 def test_pretrained_shape_mismatch_is_pretrained_error(tmp_path):
-    other = build_backbone(tiny_params(swin=TINY_SWIN.model_copy(update={"embed_dim": 16})), IMG)
+    other = backbone_of(tiny_params(swin=TINY_SWIN.model_copy(update={"embed_dim": 16})))
     path = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(path))
     with pytest.raises(PretrainedError) as info:
-        build_backbone(tiny_params(pretrained=str(path)), IMG)
+        backbone_of(tiny_params(pretrained=str(path)))
     assert "\n" not in str(info.value)
 
 
@@ -350,4 +361,4 @@ def test_pretrained_corrupt_file_is_pretrained_error(tmp_path, suffix):
     path = tmp_path / f"broken{suffix}"
     path.write_bytes(b"garbage")
     with pytest.raises(PretrainedError, match="broken"):
-        build_backbone(tiny_params(pretrained=str(path)), IMG)
+        backbone_of(tiny_params(pretrained=str(path)))

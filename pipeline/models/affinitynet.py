@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.config import AffinityNetParams
-from pipeline.errors import ConfigError
+from pipeline.data.datasets import normalize
+from pipeline.errors import ConfigError, ModelError, one_line
+from pipeline.models.files import read_model_dir
 from pipeline.models.pretrained import load_pretrained
+from pipeline.refinement.affinity import pair_affinities, radius_offsets
 
 
 class AffinityNet(nn.Module):
@@ -20,23 +27,32 @@ class AffinityNet(nn.Module):
     upsampled to the finest one, whose stride is the grid stride of the affinities.
 
     Args:
-        params: Backbone name, feature levels, projection and output widths.
+        backbone: A timm model name that supports ``features_only``.
+        out_indices: The backbone's feature levels to fuse.
+        projection_dims: Channels of each level's projection (one per entry of ``out_indices``).
+        feature_dim: Channels of the fused feature.
+        pretrained: ``none``, a local weights file or a timm tag for the backbone.
 
     Raises:
         ConfigError: If timm cannot build the backbone with these feature levels.
-        PretrainedError: If ``params.pretrained`` cannot be loaded.
+        PretrainedError: If ``pretrained`` cannot be loaded.
     """
 
-    def __init__(self, params: AffinityNetParams) -> None:
+    def __init__(
+        self,
+        backbone: str = "regnetx_002",
+        out_indices: tuple[int, ...] = (1, 2),
+        projection_dims: tuple[int, ...] = (32, 64),
+        feature_dim: int = 64,
+        pretrained: str = "none",
+    ) -> None:
         super().__init__()
         try:
-            self.encoder = timm.create_model(
-                params.backbone, pretrained=False, features_only=True, out_indices=params.out_indices
-            )
+            self.encoder = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=out_indices)
         except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
             raise ConfigError(
-                f"train_aff.model: cannot build the timm features_only model '{params.backbone}' with out_indices "
-                f"{list(params.out_indices)} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                f"train_aff.model: cannot build the timm features_only model '{backbone}' with out_indices "
+                f"{list(out_indices)} ({one_line(exc)})"
             ) from None
         channels = self.encoder.feature_info.channels()
         reductions = self.encoder.feature_info.reduction()
@@ -44,14 +60,14 @@ class AffinityNet(nn.Module):
         self.pad_multiple = max(reductions)
         self.projections = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, d, kernel_size=1, bias=False), nn.ELU())
-            for c, d in zip(channels, params.projection_dims, strict=True)
+            for c, d in zip(channels, projection_dims, strict=True)
         )
-        self.fuse = nn.Sequential(nn.Conv2d(sum(params.projection_dims), params.feature_dim, 1, bias=False), nn.ELU())
+        self.fuse = nn.Sequential(nn.Conv2d(sum(projection_dims), feature_dim, 1, bias=False), nn.ELU())
         for block in self.projections:
             nn.init.kaiming_normal_(block[0].weight)
         nn.init.xavier_uniform_(self.fuse[0].weight, gain=4)
-        if params.pretrained != "none":
-            load_pretrained(self.encoder, params.pretrained, setting="train_aff.model.pretrained")
+        if pretrained != "none":
+            load_pretrained(self.encoder, pretrained, setting="train_aff.model.pretrained")
 
     def new_modules(self) -> list[nn.Module]:
         """The layers that are not part of the backbone (trained with the higher learning rate)."""
@@ -81,3 +97,34 @@ class AffinityNet(nn.Module):
                 x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
             levels.append(x)
         return self.fuse(torch.cat(levels, dim=1))  # (B, F, h, w)
+
+
+@dataclass
+class AffinityModel:
+    """A trained AffinityNet with what inference needs: pair offsets, grid stride, normalisation."""
+
+    net: AffinityNet
+    offsets: list[tuple[int, int]]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @torch.no_grad()
+    def affinities(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 image -> (D, h, w) pair affinities on the model's grid."""
+        x = normalize(image, self.mean, self.std)[None]  # (1, 3, H, W)
+        return pair_affinities(self.net(x), self.offsets)[0]
+
+
+def load_affinity_model(model_dir: Path | str) -> AffinityModel:
+    """Rebuild the AffinityNet written by ``train_aff`` (on the CPU, in eval mode).
+
+    Raises:
+        ModelError: If the model files are missing or do not describe an AffinityNet this code builds.
+    """
+    weights, meta = read_model_dir(model_dir, "affinity model", "train_aff")
+    try:
+        net = AffinityNet(**{**meta["model"], "pretrained": "none"})
+        net.load_state_dict(load_file(str(weights)))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{model_dir}: not an affinity model this version can load ({one_line(exc)})") from None
+    return AffinityModel(net.eval(), radius_offsets(meta["radius"]), tuple(meta["mean"]), tuple(meta["std"]))

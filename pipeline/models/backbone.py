@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -9,11 +12,7 @@ from timm.layers import PatchEmbed
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import nn
 
-from pipeline.config import ModelParams
-from pipeline.errors import PretrainedError
 from pipeline.models.pretrained import load_pretrained
-
-__all__ = ["ConvStemPatchEmbed", "PretrainedError", "SwinBackbone", "build_backbone", "load_pretrained"]
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -83,17 +82,29 @@ class SwinBackbone(nn.Module):
         return [f[..., : -(-h // r), : -(-w // r)] for f, r in zip(feats, self.strides, strict=True)]
 
 
-def build_backbone(params: ModelParams, img_size: int) -> SwinBackbone:
-    """Build the Swin backbone described by the ``model`` section.
+def build_backbone(
+    name: str,
+    img_size: int,
+    *,
+    swin: Mapping[str, Any] | None = None,
+    pretrained: str = "none",
+    drop_path_rate: float = 0.0,
+    final_norm: bool = True,
+) -> SwinBackbone:
+    """Build a Swin backbone.
 
-    ``model.backbone: small`` builds the CPU-sized configuration of ``model.swin`` through timm's
-    ``SwinTransformer``; any other value is a timm model name (e.g. ``swin_tiny_patch4_window7_224``).
-    ``model.pretrained`` is ``none``, a local ``.safetensors`` / ``.pth`` file, or a timm pretrained tag
-    (see :mod:`pipeline.models.pretrained`).
+    ``name="small"`` builds the CPU-sized configuration ``swin`` through timm's ``SwinTransformer``; any other
+    value is a timm model name (e.g. ``swin_tiny_patch4_window7_224``).
 
     Args:
-        params: The ``model`` section.
+        name: ``small`` or a timm Swin name.
         img_size: Training crop size; fixes the window/shift layout (inputs of other sizes still work).
+        swin: For ``small``: ``patch_size``, ``embed_dim``, ``depths``, ``num_heads``, ``window_size``,
+            ``mlp_ratio`` and ``conv_stem`` (a 3x3 convolution before patchifying, :class:`ConvStemPatchEmbed`).
+        pretrained: ``none``, a local ``.safetensors`` / ``.pth`` file, or a timm pretrained tag (see
+            :mod:`pipeline.models.pretrained`).
+        drop_path_rate: Stochastic depth.
+        final_norm: Apply the model's final LayerNorm to the last stage map.
 
     Returns:
         The backbone.
@@ -101,29 +112,27 @@ def build_backbone(params: ModelParams, img_size: int) -> SwinBackbone:
     Raises:
         PretrainedError: If the pretrained weights cannot be loaded.
     """
-    if params.backbone == "small":
-        swin = params.swin
+    if name == "small":
+        if swin is None:
+            raise ValueError("backbone 'small' needs its configuration in `swin`")
+        config = dict(swin)
+        stem = ConvStemPatchEmbed if config.pop("conv_stem") else PatchEmbed
         model = SwinTransformer(
             img_size=img_size,
-            patch_size=swin.patch_size,
-            embed_dim=swin.embed_dim,
-            depths=swin.depths,
-            num_heads=swin.num_heads,
-            window_size=swin.window_size,
-            mlp_ratio=swin.mlp_ratio,
+            **config,
             num_classes=0,
-            drop_path_rate=params.drop_path_rate,
+            drop_path_rate=drop_path_rate,
             strict_img_size=False,
-            embed_layer=ConvStemPatchEmbed if swin.conv_stem else PatchEmbed,
+            embed_layer=stem,
         )
     else:
         model = timm.create_model(
-            params.backbone,
+            name,
             pretrained=False,
             num_classes=0,
-            drop_path_rate=params.drop_path_rate,
+            drop_path_rate=drop_path_rate,
             strict_img_size=False,
             img_size=img_size,
         )
-    load_pretrained(model, params.pretrained)
-    return SwinBackbone(model, final_norm=params.final_norm)
+    load_pretrained(model, pretrained)
+    return SwinBackbone(model, final_norm=final_norm)

@@ -243,7 +243,7 @@ def load_segmenter(model_dir: Path | str, device: torch.device) -> tuple[Segment
     Raises:
         SegModelError: If a file is missing or does not match the described model.
     """
-    weights, meta = read_model_dir(model_dir, "segmentation model", "train_seg", SegModelError)
+    weights, meta = read_model_dir(model_dir, "segmentation model", "train_seg")
     meta_path = Path(model_dir) / META
     if meta.get("format") != META_FORMAT:
         raise SegModelError(f"{meta_path}: not a segmentation model description (format {meta.get('format')!r})")

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from pipeline.errors import ModelError
 from pipeline.io import atomic_path, read_json, write_json
 
 WEIGHTS = "model.safetensors"
@@ -23,26 +24,25 @@ def save_model_dir(model_dir: Path | str, module: torch.nn.Module, meta: dict[st
     write_json(model_dir / META, meta)
 
 
-def read_model_dir(model_dir: Path | str, what: str, stage: str, error: type[Exception]) -> tuple[Path, dict[str, Any]]:
+def read_model_dir(model_dir: Path | str, what: str, stage: str) -> tuple[Path, dict[str, Any]]:
     """Check a model directory written by :func:`save_model_dir` and read its ``meta.json``.
 
     Args:
         model_dir: The directory.
         what: What the model is, for the error message (e.g. ``classifier``).
         stage: The stage that writes it, for the error message.
-        error: The exception class to raise when a file is missing.
 
     Returns:
         ``(weights_path, meta)``; the caller loads the weights (``safetensors.torch.load_file``).
 
     Raises:
-        error: If ``meta.json`` or the weights are missing (one line naming the file and the stage).
+        ModelError: If ``meta.json`` or the weights are missing (one line naming the file and the stage).
     """
     model_dir = Path(model_dir)
     weights, meta_path = model_dir / WEIGHTS, model_dir / META
     for path in (meta_path, weights):
         if not path.is_file():
-            raise error(
+            raise ModelError(
                 f"{what} not found: {path} is missing (run the '{stage}' stage first: `wsss {stage}` or "
                 f"`dvc repro {stage}`)"
             )

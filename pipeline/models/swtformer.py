@@ -9,14 +9,19 @@ class map, class prototypes on the HFF feature, and R-CAM = ReLU(cosine) to the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.config import ModelParams
+from pipeline.errors import ModelError, one_line
 from pipeline.models.backbone import SwinBackbone, build_backbone
+from pipeline.models.files import read_model_dir
 
 EPS = 1e-5
 
@@ -151,19 +156,36 @@ class SWTformer(nn.Module):
     Args:
         backbone: The Swin backbone.
         num_classes: Number of foreground classes C.
-        params: The ``model`` section.
+        version: ``v1`` (CAM head only) or ``v2`` (+ HFF, seeds, prototypes, R-CAM).
+        head_kernel: Kernel of the CAM head convolution (1 or 3).
+        hff_dims: HFF's projected channels per stage (V2).
+        detach_hff_inputs: Stop gradients from HFF into the backbone (V2).
+        bg_iou_scale: Weight of the background IoU in structure-aware seed locating (V2).
     """
 
-    def __init__(self, backbone: SwinBackbone, num_classes: int, params: ModelParams) -> None:
+    def __init__(
+        self,
+        backbone: SwinBackbone,
+        num_classes: int,
+        *,
+        version: str = "v2",
+        head_kernel: int = 3,
+        hff_dims: tuple[int, ...] = (32, 32, 64, 64),
+        detach_hff_inputs: bool = True,
+        bg_iou_scale: float = 0.5,
+    ) -> None:
         super().__init__()
+        if version not in ("v1", "v2"):
+            raise ValueError(f"unknown SWTformer version {version!r} (v1 | v2)")
         self.backbone = backbone
-        self.version = params.version
-        self.bg_iou_scale = params.bg_iou_scale
-        kernel = params.head_kernel
-        self.cam_head = nn.Conv2d(backbone.channels[-1], num_classes, kernel, padding=kernel // 2, bias=kernel == 3)
+        self.version = version
+        self.bg_iou_scale = bg_iou_scale
+        self.cam_head = nn.Conv2d(
+            backbone.channels[-1], num_classes, head_kernel, padding=head_kernel // 2, bias=head_kernel == 3
+        )
         self.hff = (
-            HierarchicalFeatureFusion(backbone.channels, backbone.strides, params.hff_dims, params.detach_hff_inputs)
-            if params.version == "v2"
+            HierarchicalFeatureFusion(backbone.channels, backbone.strides, hff_dims, detach_hff_inputs)
+            if version == "v2"
             else None
         )
 
@@ -220,12 +242,49 @@ class SWTformer(nn.Module):
         return self.maps(self.features(x), label_mask)
 
 
-def build_model(params: ModelParams, num_classes: int, img_size: int) -> SWTformer:
-    """Build the SWTformer described by the ``model`` section.
+def build_model(
+    num_classes: int,
+    img_size: int,
+    *,
+    backbone: str = "small",
+    swin: Mapping[str, Any] | None = None,
+    pretrained: str = "none",
+    drop_path_rate: float = 0.0,
+    final_norm: bool = True,
+    **heads: Any,
+) -> SWTformer:
+    """Build an SWTformer: a Swin backbone (:func:`build_backbone`) and the heads (:class:`SWTformer`).
 
     Args:
-        params: The ``model`` section.
         num_classes: Number of foreground classes C.
         img_size: Training crop size (fixes the Swin window layout).
+        backbone: ``small`` or a timm Swin name.
+        swin: The ``small`` configuration.
+        pretrained: ``none``, a local weights file or a timm tag.
+        drop_path_rate: Stochastic depth.
+        final_norm: Final LayerNorm on the last stage map.
+        **heads: Keyword arguments of :class:`SWTformer` (``version``, ``head_kernel``, ``hff_dims``, ...).
     """
-    return SWTformer(build_backbone(params, img_size), num_classes, params)
+    trunk = build_backbone(
+        backbone, img_size, swin=swin, pretrained=pretrained, drop_path_rate=drop_path_rate, final_norm=final_norm
+    )
+    return SWTformer(trunk, num_classes, **heads)
+
+
+def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[SWTformer, dict[str, Any]]:
+    """Rebuild the classifier from ``model.safetensors`` + ``meta.json`` written by ``train_cls``.
+
+    Returns:
+        The model on ``device`` in eval mode, and its ``meta.json``.
+
+    Raises:
+        ModelError: If the model files are missing, or do not describe a classifier this code builds.
+    """
+    weights, meta = read_model_dir(model_dir, "classifier", "train_cls")
+    try:
+        config = {**meta["model"], "pretrained": "none"}
+        model = build_model(meta["num_classes"], meta["img_size"], **config)
+        model.load_state_dict(load_file(str(weights)))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{model_dir}: not a classifier this version can load ({one_line(exc)})") from None
+    return model.to(device).eval(), meta

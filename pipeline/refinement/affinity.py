@@ -8,11 +8,12 @@ target falls outside the grid are invalid.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import CrfParams
 from pipeline.data.layout import IGNORE
 from pipeline.refinement.crf import dense_crf
 from pipeline.refinement.seeds import with_constant_background, with_power_background
@@ -105,7 +106,7 @@ def confident_labels(
     image: np.ndarray,
     maps: np.ndarray,
     keys: np.ndarray,
-    crf: CrfParams,
+    crf: Mapping[str, float],
     fg_background: float,
     bg_background: float,
     mode: str,
@@ -121,7 +122,7 @@ def confident_labels(
         image: (H, W, 3) uint8 RGB.
         maps: (K, H, W) stored maps (channel 0 background, replaced here).
         keys: (K,) class ids of the channels.
-        crf: CRF parameters.
+        crf: Keyword arguments of :func:`dense_crf` (iterations and kernels).
         fg_background: Background score (``mode="constant"``) or power (``mode="power"``) of the map that
             gives confident foreground.
         bg_background: The same for the map that gives confident background.
@@ -131,8 +132,8 @@ def confident_labels(
         (H, W) uint8 labels: class ids, 0, or 255.
     """
     make = with_constant_background if mode == "constant" else with_power_background
-    strong = dense_crf(image, make(maps, fg_background), crf).argmax(0)  # (H, W) channel indices
-    weak = dense_crf(image, make(maps, bg_background), crf).argmax(0)  # (H, W)
+    strong = dense_crf(image, make(maps, fg_background), **crf).argmax(0)  # (H, W) channel indices
+    weak = dense_crf(image, make(maps, bg_background), **crf).argmax(0)  # (H, W)
     labels = np.asarray(keys)[strong].astype(np.uint8)
     labels[strong == 0] = IGNORE
     labels[weak == 0] = 0

@@ -6,8 +6,6 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
 
-from pipeline.config import CrfParams
-
 PROB_FLOOR = 1e-5  # probabilities are clipped here before -log (pydensecrf's default)
 
 
@@ -22,7 +20,17 @@ def normalise_probs(probs: np.ndarray) -> np.ndarray:
     return np.where(total > 0, p / np.maximum(total, np.finfo(np.float32).tiny), uniform).astype(np.float32)
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.ndarray:
+def dense_crf(
+    image: np.ndarray,
+    probs: np.ndarray,
+    *,
+    iterations: int = 10,
+    gauss_sxy: float = 3.0,
+    gauss_compat: float = 3.0,
+    bilateral_sxy: float = 40.0,
+    bilateral_srgb: float = 8.0,
+    bilateral_compat: float = 4.0,
+) -> np.ndarray:
     """Fully connected CRF with Gaussian + bilateral kernels (Kraehenbuehl & Koltun), mean-field inference.
 
     The unary is ``-log(clip(p, 1e-5, 1))`` of the per-pixel normalised probabilities. Normalising only adds a
@@ -32,7 +40,12 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.nda
     Args:
         image: (H, W, 3) uint8 RGB image.
         probs: (K, H, W) class scores, K >= 1; negative values are treated as 0.
-        params: Iterations and kernel parameters.
+        iterations: Mean-field iterations.
+        gauss_sxy: Spatial std of the Gaussian (smoothness) kernel, in pixels.
+        gauss_compat: Its Potts weight (0 drops the kernel).
+        bilateral_sxy: Spatial std of the bilateral (appearance) kernel, in pixels.
+        bilateral_srgb: Its colour std.
+        bilateral_compat: Its Potts weight (0 drops the kernel).
 
     Returns:
         (K, H, W) float32 posterior marginals (sum to 1 over K).
@@ -52,14 +65,14 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.nda
     crf = dcrf.DenseCRF2D(w, h, k)  # width first
     unary = unary_from_softmax(normalise_probs(probs), clip=PROB_FLOOR)  # (K, H*W)
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-    if params.gauss_compat > 0:
-        crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
-    if params.bilateral_compat > 0:
+    if gauss_compat > 0:
+        crf.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
+    if bilateral_compat > 0:
         crf.addPairwiseBilateral(
-            sxy=params.bilateral_sxy,
-            srgb=params.bilateral_srgb,
+            sxy=bilateral_sxy,
+            srgb=bilateral_srgb,
             rgbim=np.ascontiguousarray(image),
-            compat=params.bilateral_compat,
+            compat=bilateral_compat,
         )
-    posterior = np.asarray(crf.inference(params.iterations), dtype=np.float32)  # (K, H*W)
+    posterior = np.asarray(crf.inference(iterations), dtype=np.float32)  # (K, H*W)
     return posterior.reshape(k, h, w)
