@@ -19,8 +19,14 @@ from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_b
 from pipeline.data.layout import PreparedDataset
 from pipeline.io import CamWriter
 from pipeline.metrics import SeedEvaluator, threshold_grid
-from pipeline.models.swtformer import Features, SWTformer, load_classifier, max_norm, with_background
-from pipeline.validation import evaluate_classifier
+from pipeline.models.swtformer import (
+    Features,
+    SWTformer,
+    evaluate_classifier,
+    load_classifier,
+    max_norm,
+    with_background,
+)
 from pipeline.viz import cam_gallery_row
 
 log = logging.getLogger(__name__)

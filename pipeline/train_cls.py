@@ -19,8 +19,7 @@ from pipeline.data.datasets import ClassificationEvalSet, ClassificationTrainSet
 from pipeline.data.layout import PreparedDataset
 from pipeline.losses import swtformer_loss
 from pipeline.models.files import save_model_dir
-from pipeline.models.swtformer import SWTformer, build_model
-from pipeline.validation import evaluate_classifier
+from pipeline.models.swtformer import SWTformer, build_model, evaluate_classifier
 
 
 def label_mask(valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -11,15 +11,44 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline import runtime, training
 from pipeline.config import StageParams, TrainSegParams
+from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.data.seg_datasets import SegmentationTrainSet, labels_fingerprint
-from pipeline.metrics import iou_per_class, mean_iou
-from pipeline.models.deeplab import Segmenter, build_segmenter, save_segmenter, segmentation_loss
-from pipeline.validation import split_confusion
+from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
+from pipeline.models.deeplab import Segmenter, build_segmenter, predict_probs, save_segmenter, segmentation_loss
+
+
+@torch.no_grad()
+def split_confusion(
+    model: Segmenter,
+    data: PreparedDataset,
+    split: str,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    amp: bool,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Single-scale confusion matrix of a split against its ground-truth masks (metrics only).
+
+    Returns:
+        (K, K) int64 matrix, rows = ground truth.
+    """
+    was_training = model.training
+    model.eval()
+    confusion = np.zeros((data.num_classes, data.num_classes), np.int64)
+    for ids, images in same_size_batches(data.split(split), data.load_image, batch_size):
+        x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
+        pred = predict_probs(model, x, (1.0,), False, amp).argmax(1).cpu().numpy()  # (B, H, W)
+        for row, image_id in enumerate(ids):
+            confusion += confusion_matrix(pred[row], data.load_mask(image_id), data.num_classes)
+    model.train(was_training)
+    return confusion
 
 
 def _meta(params: StageParams, data: PreparedDataset) -> dict[str, Any]:

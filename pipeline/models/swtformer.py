@@ -9,17 +9,20 @@ class map, class prototypes on the HFF feature, and R-CAM = ReLU(cosine) to the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from pipeline import runtime
 from pipeline.errors import ModelError, one_line
+from pipeline.metrics import classification_map
 from pipeline.models.backbone import SwinBackbone, build_backbone
 from pipeline.models.files import read_model_dir
 
@@ -269,6 +272,23 @@ def build_model(
         backbone, img_size, swin=swin, pretrained=pretrained, drop_path_rate=drop_path_rate, final_norm=final_norm
     )
     return SWTformer(trunk, num_classes, **heads)
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: SWTformer, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, amp: bool
+) -> dict[str, float]:
+    """Class-wise and sample-wise mAP of the classifier's sigmoid scores on batches of ``ClassificationEvalSet``."""
+    was_training = model.training
+    model.eval()
+    scores, targets = [], []
+    for batch in batches:
+        with runtime.autocast(device, amp):
+            logits = model.classify(batch["image"].to(device))
+        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+        targets.append(batch["labels"].numpy())
+    model.train(was_training)
+    return classification_map(np.concatenate(scores), np.concatenate(targets))
 
 
 def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[SWTformer, dict[str, Any]]:
