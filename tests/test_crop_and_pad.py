@@ -96,26 +96,27 @@ def test_classification_canvas_is_unchanged(shape):
         assert rng_new is None or _same_state(rng_new, rng_old), "same number of draws"
 
 
+NUMPY_CROPS = {  # caller -> (today's crop, frozen copy); arguments (image, label, flip, rng), crop size 10
+    "train_seg": (
+        lambda image, label, flip, rng: random_scale_flip_crop(image, label, 10, (0.7, 1.3), flip, rng),
+        lambda image, label, flip, rng: _old_random_scale_flip_crop(image, label, 10, (0.7, 1.3), flip, rng),
+    ),
+    "train_aff": (
+        lambda image, label, flip, rng: _crop(image, label, 10, flip, rng),
+        lambda image, label, flip, rng: _old_aff_crop(image, label, 10, flip, rng),
+    ),
+}
+
+
+@pytest.mark.parametrize("caller", sorted(NUMPY_CROPS))
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("flip", [True, False])
-def test_segmentation_crop_is_unchanged(shape, flip):
+def test_segmentation_and_affinity_crops_are_unchanged(caller, shape, flip):
+    new_crop, old_crop = NUMPY_CROPS[caller]
     for seed in SEEDS:
         image, label = _image_and_label(*shape, seed)
         rng_new, rng_old = _pair(seed)
-        new = random_scale_flip_crop(image, label, 10, (0.7, 1.3), flip, rng_new)
-        old = _old_random_scale_flip_crop(image, label, 10, (0.7, 1.3), flip, rng_old)
-        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(new, old, strict=True))
-        assert _same_state(rng_new, rng_old), "same draws, in the same order"
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("flip", [True, False])
-def test_affinity_crop_is_unchanged(shape, flip):
-    for seed in SEEDS:
-        image, label = _image_and_label(*shape, seed)
-        rng_new, rng_old = _pair(seed)
-        new = _crop(image, label, 10, flip, rng_new)
-        old = _old_aff_crop(image, label, 10, flip, rng_old)
+        new, old = new_crop(image, label, flip, rng_new), old_crop(image, label, flip, rng_old)
         assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(new, old, strict=True))
         assert _same_state(rng_new, rng_old), "same draws, in the same order"
 
