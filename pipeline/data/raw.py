@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.data.layout import IGNORE
+from pipeline.data.layout import IGNORE, open_image
 from pipeline.errors import DatasetError
 from pipeline.parallel import map_ordered, resolve_workers
 
@@ -92,13 +91,8 @@ def image_size(path: Path) -> tuple[int, int]:
     Raises:
         DatasetError: If the file is missing or not a readable image.
     """
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except FileNotFoundError:
-        raise DatasetError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from None
+    with open_image(path) as image:
+        return image.size
 
 
 def read_mask(path: Path, num_classes: int) -> np.ndarray:
@@ -114,15 +108,10 @@ def read_mask(path: Path, num_classes: int) -> np.ndarray:
     Raises:
         DatasetError: If the file is missing, unreadable, not an index image, or has unknown values.
     """
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("P", "L"):
-                raise DatasetError(f"mask {path} is a {image.mode} image; expected class indices (palette or L)")
-            mask = np.asarray(image, dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise DatasetError(f"mask not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DatasetError(f"cannot read mask {path}: {exc}") from None
+    with open_image(path, "mask") as image:
+        if image.mode not in ("P", "L"):
+            raise DatasetError(f"mask {path} is a {image.mode} image; expected class indices (palette or L)")
+        mask = np.asarray(image, dtype=np.uint8).copy()
     values = np.unique(mask)
     unknown = values[(values >= num_classes) & (values != IGNORE)]
     if unknown.size:
