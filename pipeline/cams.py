@@ -20,7 +20,7 @@ from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_b
 from pipeline.data.layout import PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import CamWriter
-from pipeline.metrics import SeedEvaluator, threshold_grid
+from pipeline.metrics import SeedEvaluator, iou_report, threshold_grid
 from pipeline.models.files import read_model_dir
 from pipeline.models.swtformer import Features, SWTformer, build_model, max_norm, with_background
 from pipeline.train_cls import evaluate_classifier
@@ -173,13 +173,12 @@ def _log_seed_metrics(
     headline = {}
     for map_name, evaluator in evaluators.items():
         summary = evaluator.summary()
-        for key in ("miou_argmax", "miou_best", "best_threshold"):
-            live.log_metric(f"{map_name}/{key}", round(float(summary[key]), 5), plot=False)
-            headline[f"{map_name}/{key}"] = float(summary[key])
-        for protocol in ("argmax", "best"):
-            for cls, iou in zip(names, summary[f"iou_{protocol}"], strict=True):
-                if not np.isnan(iou):
-                    live.log_metric(f"{map_name}/iou_{protocol}/{cls}", round(float(iou), 5), plot=False)
+        metrics = {f"{map_name}/{k}": float(summary[k]) for k in ("miou_argmax", "miou_best", "best_threshold")}
+        headline |= metrics
+        for protocol in ("argmax", "best"):  # adds the per-class IoUs; the mIoUs keep their place
+            metrics |= iou_report(summary[f"confusion_{protocol}"], names, map_name, f"_{protocol}")
+        for name, value in metrics.items():
+            live.log_metric(name, round(value, 5), plot=False)
         points = [{"threshold": float(t), "miou": float(m)} for t, m in zip(grid, summary["sweep"], strict=True)]
         live.log_plot(
             f"sweep_{map_name}",

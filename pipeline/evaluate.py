@@ -23,7 +23,7 @@ from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import write_json
-from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
+from pipeline.metrics import confusion_matrix, iou_report
 from pipeline.models.deeplab import load_segmenter, predict_probs
 from pipeline.parallel import OrderedPool
 from pipeline.refinement.crf import dense_crf
@@ -47,10 +47,7 @@ class ConfusionSet:
         """Flat metrics: ``<mode>/miou`` and ``<mode>/iou/<class>`` (classes absent from GT and predictions skipped)."""
         out: dict[str, float] = {}
         for mode, matrix in self.matrices.items():
-            out[f"{mode}/miou"] = mean_iou(matrix)
-            for name, iou in zip(names, iou_per_class(matrix), strict=True):
-                if not np.isnan(iou):
-                    out[f"{mode}/iou/{name}"] = float(iou)
+            out |= iou_report(matrix, names, mode)
         return out
 
 

@@ -25,7 +25,7 @@ from pipeline.data.datasets import normalize
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import save_label_png
-from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
+from pipeline.metrics import confusion_matrix, iou_report
 from pipeline.models.affinitynet import AffinityNet
 from pipeline.models.files import read_model_dir
 from pipeline.parallel import map_ordered, resolve_workers
@@ -162,13 +162,11 @@ class _Scores:
     def metrics(self, names: list[str]) -> dict[str, float]:
         if self.images == 0:
             return {}
-        out = {"pseudo/miou": mean_iou(self.pseudo), "seed/miou": mean_iou(self.seed)}
+        pseudo, seed = iou_report(self.pseudo, names, "pseudo"), iou_report(self.seed, names, "seed")
+        out = {"pseudo/miou": pseudo["pseudo/miou"], "seed/miou": seed["seed/miou"]}
         out["gain_miou"] = out["pseudo/miou"] - out["seed/miou"]
         out["pseudo/ignored_fraction"] = self.ignored / self.pixels
-        for prefix, matrix in (("pseudo", self.pseudo), ("seed", self.seed)):
-            for name, iou in zip(names, iou_per_class(matrix), strict=True):
-                if not np.isnan(iou):
-                    out[f"{prefix}/iou/{name}"] = float(iou)
+        out |= pseudo | seed  # adds the per-class IoUs; the two mIoUs keep their place
         out["images_scored"] = self.images
         return out
 
