@@ -20,6 +20,7 @@ from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_b
 from pipeline.data.layout import PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import CamWriter
+from pipeline.live import open_live
 from pipeline.metrics import SeedEvaluator, iou_report, threshold_grid
 from pipeline.models.files import read_model_dir
 from pipeline.models.swtformer import Features, SWTformer, build_model, max_norm, with_background
@@ -130,7 +131,7 @@ def generate_cams(
     if model.version == "v2":
         evaluators["rcam"] = SeedEvaluator(data.num_classes, grid)
     writer = CamWriter(cams_dir, params.shard_size)
-    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live = open_live(results_dir)
     gallery = 0
 
     bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=None, mininterval=2)

@@ -23,6 +23,7 @@ from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import write_json
+from pipeline.live import open_live
 from pipeline.metrics import confusion_matrix, iou_report
 from pipeline.models.deeplab import load_segmenter, predict_probs
 from pipeline.parallel import OrderedPool
@@ -92,7 +93,7 @@ def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, 
     model, meta = load_segmenter(model_dir, device)
     _check_classes(meta, data, model_dir)
     mean, std, names = tuple(meta["mean"]), tuple(meta["std"]), data.class_names
-    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live = open_live(results_dir)
     ids = data.split(params.split)
     confusions = ConfusionSet(["single_scale", "multi_scale"] + (["crf"] if params.use_crf else []), data.num_classes)
     panels = {image_id: [] for image_id in ids[: params.gallery_size]}  # id -> [image, predictions...]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dvclive import Live
 from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -25,6 +24,7 @@ from pipeline.data.datasets import normalize
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import save_label_png
+from pipeline.live import open_live
 from pipeline.metrics import confusion_matrix, iou_report
 from pipeline.models.affinitynet import AffinityNet
 from pipeline.models.files import read_model_dir
@@ -209,7 +209,7 @@ def refine_pseudo_labels(
             yield data.load_image(image_id), entry[seed_map].astype(np.float32), entry["keys"].astype(np.int64)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live = open_live(results_dir)
     live.log_params({"seed_map": seed_map, "workers": workers})
     scores = _Scores(data.num_classes)
     started = time.perf_counter()
