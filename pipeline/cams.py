@@ -151,7 +151,7 @@ def generate_cams(
             for name, evaluator in evaluators.items():
                 evaluator.add(maps[name], keys, gt)
             if gallery < params.gallery_size:
-                panel = cam_gallery_row(images[row], maps, keys, gt, data.palette)
+                panel = cam_gallery_row(images[row], maps, gt, data.palette)
                 live.log_image(f"gallery/{gallery:02d}_{image_id}.png", Image.fromarray(panel))
                 gallery += 1
         bar.update(len(group))
