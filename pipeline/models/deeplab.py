@@ -26,6 +26,7 @@ from pipeline import runtime
 from pipeline.data.layout import IGNORE
 from pipeline.errors import SegModelError
 from pipeline.models.files import META, read_model_dir, save_model_dir
+from pipeline.models.padding import crop_to_input, pad_to_multiple
 from pipeline.models.pretrained import is_weights_file, load_state_into, reachable, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,7 @@ class Segmenter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, K, H, W) logits."""
-        h, w = x.shape[-2:]
-        pad_h, pad_w = -h % self.stride, -w % self.stride
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        return self.net(x)[..., :h, :w]
+        return crop_to_input(self.net(pad_to_multiple(x, self.stride)), x.shape[-2:])
 
     def new_modules(self) -> list[nn.Module]:
         """The randomly initialised parts (decoder and head), trained with ``head_lr_mult``."""
