@@ -58,7 +58,7 @@ def crf_labels(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.nd
 
 
 def _crf_job(job: tuple[str, np.ndarray, np.ndarray, CrfParams]) -> tuple[str, np.ndarray]:
-    """``(image id, image, probs, params)`` -> ``(image id, CRF labels)``, for the worker processes."""
+    """``(image id, (H, W, 3) uint8 image, (K, H, W) probs, params)`` -> ``(image id, (H, W) uint8 CRF labels)``."""
     image_id, image, probs, params = job
     return image_id, crf_labels(image, probs, params)
 
