@@ -18,7 +18,8 @@ from pipeline.config import CamsParams, SeedLocating
 from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.io import CamWriter
-from pipeline.metrics import SeedEvaluator, threshold_grid
+from pipeline.live import open_live
+from pipeline.metrics import SeedEvaluator, iou_report, threshold_grid
 from pipeline.models.swtformer import (
     Features,
     SWTformer,
@@ -120,7 +121,7 @@ def generate_cams(
     if model.version == "v2":
         evaluators["rcam"] = SeedEvaluator(data.num_classes, grid)
     writer = CamWriter(cams_dir, params.shard_size)
-    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live = open_live(results_dir)
     gallery = 0
 
     bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=None, mininterval=2)
@@ -140,7 +141,7 @@ def generate_cams(
             for name, evaluator in evaluators.items():
                 evaluator.add(maps[name], keys, gt)
             if gallery < params.gallery_size:
-                panel = cam_gallery_row(images[row], maps, keys, gt, data.palette)
+                panel = cam_gallery_row(images[row], maps, gt, data.palette)
                 live.log_image(f"gallery/{gallery:02d}_{image_id}.png", Image.fromarray(panel))
                 gallery += 1
         bar.update(len(group))
@@ -163,13 +164,12 @@ def _log_seed_metrics(
     headline = {}
     for map_name, evaluator in evaluators.items():
         summary = evaluator.summary()
-        for key in ("miou_argmax", "miou_best", "best_threshold"):
-            live.log_metric(f"{map_name}/{key}", round(float(summary[key]), 5), plot=False)
-            headline[f"{map_name}/{key}"] = float(summary[key])
-        for protocol in ("argmax", "best"):
-            for cls, iou in zip(names, summary[f"iou_{protocol}"], strict=True):
-                if not np.isnan(iou):
-                    live.log_metric(f"{map_name}/iou_{protocol}/{cls}", round(float(iou), 5), plot=False)
+        metrics = {f"{map_name}/{k}": float(summary[k]) for k in ("miou_argmax", "miou_best", "best_threshold")}
+        headline |= metrics
+        for protocol in ("argmax", "best"):  # adds the per-class IoUs; the mIoUs keep their place
+            metrics |= iou_report(summary[f"confusion_{protocol}"], names, map_name, f"_{protocol}")
+        for name, value in metrics.items():
+            live.log_metric(name, round(value, 5), plot=False)
         points = [{"threshold": float(t), "miou": float(m)} for t, m in zip(grid, summary["sweep"], strict=True)]
         live.log_plot(
             f"sweep_{map_name}",

@@ -9,9 +9,6 @@ multi-scale | CRF | ground truth).
 from __future__ import annotations
 
 import logging
-import multiprocessing
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +23,10 @@ from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import write_json
-from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
+from pipeline.live import open_live
+from pipeline.metrics import confusion_matrix, iou_report
 from pipeline.models.deeplab import load_segmenter, predict_probs
+from pipeline.parallel import OrderedPool
 from pipeline.refinement.crf import dense_crf
 from pipeline.viz import confusion_image, label_gallery_row
 
@@ -49,10 +48,7 @@ class ConfusionSet:
         """Flat metrics: ``<mode>/miou`` and ``<mode>/iou/<class>`` (classes absent from GT and predictions skipped)."""
         out: dict[str, float] = {}
         for mode, matrix in self.matrices.items():
-            out[f"{mode}/miou"] = mean_iou(matrix)
-            for name, iou in zip(names, iou_per_class(matrix), strict=True):
-                if not np.isnan(iou):
-                    out[f"{mode}/iou/{name}"] = float(iou)
+            out |= iou_report(matrix, names, mode)
         return out
 
 
@@ -61,42 +57,10 @@ def crf_labels(image: np.ndarray, probs: np.ndarray, crf: dict[str, float]) -> n
     return dense_crf(image, probs, **crf).argmax(0).astype(np.uint8)
 
 
-class CrfPool:
-    """Dense CRF + argmax for a stream of images, in this process or in worker processes.
-
-    At most ``2 * workers`` images are in flight, so memory stays bounded on large datasets. Results come back in
-    submission order.
-
-    Args:
-        params: Keyword arguments of :func:`dense_crf`.
-        workers: Worker processes (0 = run in this process).
-    """
-
-    def __init__(self, params: dict[str, float], workers: int) -> None:
-        self.params = params
-        self.workers = workers
-        self._pending: deque[tuple[str, Future]] = deque()
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        self._executor = ProcessPoolExecutor(workers, mp_context=context) if workers > 0 else None
-
-    def submit(self, key: str, image: np.ndarray, probs: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """Queue one image; returns the results that are ready (all of them when running in-process)."""
-        if self._executor is None:
-            return [(key, crf_labels(image, probs, self.params))]
-        self._pending.append((key, self._executor.submit(crf_labels, image, probs, self.params)))
-        done = []
-        while self._pending and (len(self._pending) > 2 * self.workers or self._pending[0][1].done()):
-            first, future = self._pending.popleft()
-            done.append((first, future.result()))
-        return done
-
-    def finish(self) -> list[tuple[str, np.ndarray]]:
-        """Wait for the images still in flight and shut the workers down."""
-        done = [(key, future.result()) for key, future in self._pending]
-        self._pending.clear()
-        if self._executor is not None:
-            self._executor.shutdown()
-        return done
+def _crf_job(job: tuple[str, np.ndarray, np.ndarray, dict[str, float]]) -> tuple[str, np.ndarray]:
+    """``(image id, (H, W, 3) uint8 image, (K, H, W) probs, CRF kwargs)`` -> ``(image id, (H, W) uint8 labels)``."""
+    image_id, image, probs, params = job
+    return image_id, crf_labels(image, probs, params)
 
 
 def _check_classes(meta: dict, data: PreparedDataset, model_dir: Path) -> None:
@@ -129,11 +93,11 @@ def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, 
     model, meta = load_segmenter(model_dir, device)
     _check_classes(meta, data, model_dir)
     mean, std, names = tuple(meta["mean"]), tuple(meta["std"]), data.class_names
-    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live = open_live(results_dir)
     ids = data.split(params.split)
     confusions = ConfusionSet(["single_scale", "multi_scale"] + (["crf"] if params.use_crf else []), data.num_classes)
-    crf = CrfPool(params.crf.model_dump(), params.crf_workers) if params.use_crf else None
     panels = {image_id: [] for image_id in ids[: params.gallery_size]}  # id -> [image, predictions...]
+    crf_args = params.crf.model_dump()
 
     def add_crf(results: list[tuple[str, np.ndarray]]) -> None:
         for image_id, label in results:
@@ -142,22 +106,23 @@ def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, 
                 panels[image_id].append(label)
 
     bar = tqdm(total=len(ids), desc=f"evaluate {params.split}", unit="img", disable=None, mininterval=2)
-    for group, images in same_size_batches(ids, data.load_image, params.batch_size):
-        x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
-        single = predict_probs(model, x, (1.0,), False, params.amp).argmax(1).cpu().numpy()  # (B, H, W)
-        probs = predict_probs(model, x, params.scales, params.flip, params.amp).cpu().numpy()  # (B, K, H, W)
-        multi = probs.argmax(1)  # (B, H, W)
-        for row, image_id in enumerate(group):
-            gt = data.load_mask(image_id)
-            confusions.add("single_scale", single[row], gt)
-            confusions.add("multi_scale", multi[row], gt)
-            if image_id in panels:
-                panels[image_id] += [images[row], single[row], multi[row]]
-            if crf is not None:
-                add_crf(crf.submit(image_id, images[row], probs[row]))
-        bar.update(len(group))
-    if crf is not None:
-        add_crf(crf.finish())
+    # at most 2 images per CRF worker in flight (crf_workers 0: the CRF runs here, image by image)
+    with OrderedPool(_crf_job, params.crf_workers if params.use_crf else 0, in_flight=2) as crf:
+        for group, images in same_size_batches(ids, data.load_image, params.batch_size):
+            x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
+            single = predict_probs(model, x, (1.0,), False, params.amp).argmax(1).cpu().numpy()  # (B, H, W)
+            probs = predict_probs(model, x, params.scales, params.flip, params.amp).cpu().numpy()  # (B, K, H, W)
+            multi = probs.argmax(1)  # (B, H, W)
+            for row, image_id in enumerate(group):
+                gt = data.load_mask(image_id)
+                confusions.add("single_scale", single[row], gt)
+                confusions.add("multi_scale", multi[row], gt)
+                if image_id in panels:
+                    panels[image_id] += [images[row], single[row], multi[row]]
+                if params.use_crf:
+                    add_crf(crf.submit((image_id, images[row], probs[row], crf_args)))
+            bar.update(len(group))
+        add_crf(crf.drain())
     bar.close()
 
     for index, (image_id, (image, *predictions)) in enumerate(panels.items()):

@@ -37,6 +37,26 @@ def mean_iou(confusion: np.ndarray) -> float:
     return float(np.nanmean(iou_per_class(confusion)))
 
 
+def iou_report(confusion: np.ndarray, class_names: list[str], prefix: str, suffix: str = "") -> dict[str, float]:
+    """The mIoU and per-class IoUs of one confusion matrix, as flat metric names (the ``metrics.json`` keys).
+
+    Args:
+        confusion: (K, K) matrix, rows ground truth (:func:`confusion_matrix`).
+        class_names: K names, background first.
+        prefix: What was scored (``multi_scale``, ``pseudo``, ``cam``).
+        suffix: Appended to ``miou`` and ``iou`` (e.g. ``_argmax``, for a protocol).
+
+    Returns:
+        ``{prefix}/miou{suffix}``, then ``{prefix}/iou{suffix}/{name}`` in class order; classes absent from
+        both ground truth and predictions (NaN IoU) are left out.
+    """
+    report = {f"{prefix}/miou{suffix}": mean_iou(confusion)}
+    for name, iou in zip(class_names, iou_per_class(confusion), strict=True):
+        if not np.isnan(iou):
+            report[f"{prefix}/iou{suffix}/{name}"] = float(iou)
+    return report
+
+
 def threshold_grid(max_threshold: float, step: float) -> np.ndarray:
     """Constant background scores 0, step, ... up to max_threshold (inclusive, robust to float error)."""
     count = int(np.floor(max_threshold / step + 1e-9)) + 1
@@ -86,7 +106,7 @@ class SeedEvaluator:
         self.sweep_confusions[:, :, 0] += hist.cumsum(0)[:-1].sum(2)  # (T, n): background at t_i, by gt row
 
     def summary(self) -> dict[str, object]:
-        """Return mIoU and per-class IoU for both protocols and the best threshold of the sweep."""
+        """Return mIoU, per-class IoU and the confusion matrix for both protocols, and the sweep's best threshold."""
         sweep = np.array([mean_iou(c) for c in self.sweep_confusions])
         best = int(np.nanargmax(sweep))
         return {
@@ -96,6 +116,8 @@ class SeedEvaluator:
             "best_threshold": float(self.thresholds[best]),
             "iou_best": iou_per_class(self.sweep_confusions[best]),
             "sweep": sweep,
+            "confusion_argmax": self.argmax_confusion,
+            "confusion_best": self.sweep_confusions[best],
         }
 
 

@@ -7,7 +7,7 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 
@@ -29,6 +29,75 @@ def _init(initializer: Callable[..., None] | None, initargs: tuple) -> None:
         initializer(*initargs)
 
 
+class OrderedPool:
+    """``function`` over items submitted one at a time, in worker processes; results come back in submission order.
+
+    A context manager: the workers start on entering and are shut down (after finishing their items) on leaving.
+    Workers are forked where the platform can (cheap, and scripts need no ``__main__`` guard; the pattern of
+    torch's DataLoader workers), else spawned; each sets one torch thread, then calls ``initializer(*initargs)``
+    once. With ``processes == 0`` everything runs in this process (the initializer too), so both paths run the
+    same code. At most ``in_flight`` items per process are queued ahead of the consumer, so memory stays bounded
+    however many items pass through; an exception raised for an item is re-raised when its result is due.
+
+    Args:
+        function: A module-level function of one (picklable) item.
+        processes: Worker processes; 0 runs every item in this process.
+        initializer: Optional per-process set-up (e.g. loading a model into a module global).
+        initargs: Its arguments.
+        in_flight: Items queued per process ahead of the consumer.
+    """
+
+    def __init__(
+        self,
+        function: Callable[[Any], Any],
+        processes: int,
+        initializer: Callable[..., None] | None = None,
+        initargs: tuple = (),
+        in_flight: int = 4,
+    ) -> None:
+        self.function = function
+        self.processes = processes
+        self.limit = processes * in_flight
+        self._setup = (initializer, initargs)
+        self._pending: deque[Future] = deque()
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> OrderedPool:
+        initializer, initargs = self._setup
+        if self.processes <= 0:
+            if initializer is not None:
+                initializer(*initargs)
+            return self
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        self._executor = ProcessPoolExecutor(
+            self.processes, mp_context=context, initializer=_init, initargs=self._setup
+        )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+        self._pending.clear()
+
+    def submit(self, item: Any) -> list[Any]:
+        """Queue one item; return the results now due, in order (on the in-process path, this item's)."""
+        if self._executor is None:
+            return [self.function(item)]
+        self._pending.append(self._executor.submit(self.function, item))
+        ready = []
+        while self._pending and (len(self._pending) >= self.limit or self._pending[0].done()):
+            ready.append(self._pending.popleft().result())
+        return ready
+
+    def drain(self) -> list[Any]:
+        """Wait for every item still in flight; return their results in order."""
+        ready = [future.result() for future in self._pending]
+        self._pending.clear()
+        return ready
+
+
 def map_ordered(
     function: Callable[[Any], Any],
     items: Iterable[Any],
@@ -39,11 +108,10 @@ def map_ordered(
 ) -> Iterator[Any]:
     """``map(function, items)`` in ``workers`` processes (results in input order); in-process when ``workers == 1``.
 
-    Workers are forked where the platform can (cheap, and scripts need no ``__main__`` guard; the pattern of
-    torch's DataLoader workers), else spawned; each sets one torch thread, then calls ``initializer(*initargs)``
-    once. The serial path calls the initializer in this process, so both
-    paths run the same code. At most ``in_flight`` items per worker are submitted ahead of the consumer, so
-    ``items`` can be a lazy generator over a dataset larger than memory.
+    An :class:`OrderedPool` fed from ``items``: each worker sets one torch thread and calls
+    ``initializer(*initargs)`` once (the serial path calls it in this process), and at most ``in_flight`` items
+    per worker are submitted ahead of the consumer, so ``items`` can be a lazy generator over a dataset larger
+    than memory.
 
     Args:
         function: A module-level function of one item.
@@ -56,18 +124,7 @@ def map_ordered(
     Yields:
         ``function(item)`` for every item, in order.
     """
-    if workers <= 1:
-        if initializer is not None:
-            initializer(*initargs)
-        yield from map(function, items)
-        return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init, initargs=(initializer, initargs)) as pool:
-        pending: deque = deque()
+    with OrderedPool(function, workers if workers > 1 else 0, initializer, initargs, in_flight) as pool:
         for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) >= workers * in_flight:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+            yield from pool.submit(item)
+        yield from pool.drain()

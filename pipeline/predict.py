@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from pipeline import runtime
 from pipeline.data.datasets import normalize
+from pipeline.data.layout import read_rgb
+from pipeline.errors import DatasetError
 from pipeline.io import atomic_path, save_label_png
 from pipeline.models.deeplab import load_segmenter, predict_probs
 from pipeline.viz import overlay
@@ -47,22 +49,6 @@ def find_images(inputs: list[Path]) -> Iterator[tuple[Path, Path]]:
                 yield child, child.relative_to(path).with_suffix("")
         else:
             yield path, Path(path.stem)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB.
-
-    Raises:
-        OSError: With a one-line reason if the file is missing or not a readable image.
-    """
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB")).copy()
-    except FileNotFoundError:
-        raise OSError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise OSError(f"cannot read image {path}: {reason}") from None
 
 
 def _unique(stem: Path, taken: set[Path]) -> Path:
@@ -116,8 +102,8 @@ def predict_images(
         on_error(report.failures[-1])
     for path, stem in tqdm(found, desc="predict", unit="img", disable=None, mininterval=2):
         try:
-            image = read_image(path)
-        except OSError as exc:
+            image = read_rgb(path)
+        except DatasetError as exc:
             report.failures.append(str(exc))
             on_error(str(exc))
             continue

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dvclive import Live
 from PIL import Image
 from tqdm import tqdm
 
@@ -22,7 +21,8 @@ from pipeline.config import RefineParams
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import save_label_png
-from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
+from pipeline.live import open_live
+from pipeline.metrics import confusion_matrix, iou_report
 from pipeline.models.affinitynet import AffinityModel, load_affinity_model
 from pipeline.parallel import map_ordered, resolve_workers
 from pipeline.refinement.crf import dense_crf
@@ -129,13 +129,11 @@ class _Scores:
     def metrics(self, names: list[str]) -> dict[str, float]:
         if self.images == 0:
             return {}
-        out = {"pseudo/miou": mean_iou(self.pseudo), "seed/miou": mean_iou(self.seed)}
+        pseudo, seed = iou_report(self.pseudo, names, "pseudo"), iou_report(self.seed, names, "seed")
+        out = {"pseudo/miou": pseudo["pseudo/miou"], "seed/miou": seed["seed/miou"]}
         out["gain_miou"] = out["pseudo/miou"] - out["seed/miou"]
         out["pseudo/ignored_fraction"] = self.ignored / self.pixels
-        for prefix, matrix in (("pseudo", self.pseudo), ("seed", self.seed)):
-            for name, iou in zip(names, iou_per_class(matrix), strict=True):
-                if not np.isnan(iou):
-                    out[f"{prefix}/iou/{name}"] = float(iou)
+        out |= pseudo | seed  # adds the per-class IoUs; the two mIoUs keep their place
         out["images_scored"] = self.images
         return out
 
@@ -178,7 +176,7 @@ def refine_pseudo_labels(
             yield data.load_image(image_id), entry[seed_map].astype(np.float32), entry["keys"].astype(np.int64)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live = open_live(results_dir)
     live.log_params({"seed_map": seed_map, "workers": workers})
     scores = _Scores(data.num_classes)
     started = time.perf_counter()

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline import runtime, training
 from pipeline.config import StageParams, TrainAffParams
-from pipeline.data.datasets import normalize
+from pipeline.data.datasets import normalize, paste_crop
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import CamStore
@@ -106,13 +106,11 @@ def label_quality(data: PreparedDataset, ids: list[str], labels: list[np.ndarray
 def _crop(image: np.ndarray, labels: np.ndarray, size: int, flip: bool, rng: np.random.Generator) -> tuple:
     """A random ``size`` x ``size`` crop (zero image / 255 label padding where the image is smaller), maybe flipped."""
     h, w = labels.shape
-    out_image = np.zeros((size, size, 3), np.uint8)
-    out_labels = np.full((size, size), IGNORE, np.uint8)
+    # four draws in this order (not two crop_offsets draws): trained AffinityNet weights depend on them
     sy, sx = int(rng.integers(0, max(h - size, 0) + 1)), int(rng.integers(0, max(w - size, 0) + 1))
     ty, tx = int(rng.integers(0, max(size - h, 0) + 1)), int(rng.integers(0, max(size - w, 0) + 1))
-    ch, cw = min(h, size), min(w, size)
-    out_image[ty : ty + ch, tx : tx + cw] = image[sy : sy + ch, sx : sx + cw]
-    out_labels[ty : ty + ch, tx : tx + cw] = labels[sy : sy + ch, sx : sx + cw]
+    out_image = paste_crop(np.zeros((size, size, 3), np.uint8), image, (sy, sx), (ty, tx))
+    out_labels = paste_crop(np.full((size, size), IGNORE, np.uint8), labels, (sy, sx), (ty, tx))
     if flip and rng.random() < 0.5:
         out_image, out_labels = out_image[:, ::-1], out_labels[:, ::-1]
     return out_image, out_labels

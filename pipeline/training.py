@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pipeline import runtime
 from pipeline.errors import TrainingError
 from pipeline.io import atomic_path
+from pipeline.live import open_live
 from pipeline.runtime import Dist
 
 log = logging.getLogger(__name__)
@@ -387,7 +388,7 @@ def _open_live(task: Task, run: Run, results_dir: Path, start: int, history: lis
     """Dvclive on the main process, with the run's parameters, the static metrics and the replayed history."""
     if not run.dist.is_main:
         return None
-    live = Live(str(results_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live = open_live(results_dir)
     base = {"world_size": run.dist.world_size, "device": str(run.device), "resumed_at_epoch": start}
     live.log_params({**base, **task.live_params})
     for name, value in task.static_metrics.items():

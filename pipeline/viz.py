@@ -32,7 +32,7 @@ def colorize(label: np.ndarray, palette: list[list[int]]) -> np.ndarray:
 
 
 def cam_gallery_row(
-    image: np.ndarray, maps: dict[str, np.ndarray], keys: np.ndarray, gt: np.ndarray, palette: list[list[int]]
+    image: np.ndarray, maps: dict[str, np.ndarray], gt: np.ndarray, palette: list[list[int]]
 ) -> np.ndarray:
     """One gallery row: image | CAM | R-CAM (if any) | ground truth, side by side.
 
@@ -42,7 +42,6 @@ def cam_gallery_row(
     Args:
         image: (H, W, 3) uint8 image.
         maps: ``cam`` and optionally ``rcam``, each (N, H, W) with background first.
-        keys: (N,) class ids of the channels.
         gt: (H, W) ground truth.
         palette: Colour per class id.
     """

@@ -7,6 +7,7 @@ from pipeline.metrics import (
     classification_map,
     confusion_matrix,
     iou_per_class,
+    iou_report,
     mean_iou,
     threshold_grid,
 )
@@ -27,6 +28,19 @@ def test_iou_per_class_and_mean_by_hand():
     np.testing.assert_allclose(iou[:2], [5 / 8, 1 / 2])
     assert np.isnan(iou[2])
     assert mean_iou(confusion) == pytest.approx((5 / 8 + 1 / 2) / 2)
+
+
+def test_iou_report_names_the_metrics_and_skips_absent_classes():
+    confusion = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])  # the case above
+    report = iou_report(confusion, ["background", "a", "b"], "crf")
+    assert list(report) == ["crf/miou", "crf/iou/background", "crf/iou/a"], "mIoU first, then classes in order"
+    assert report["crf/miou"] == mean_iou(confusion) and report["crf/iou/a"] == 0.5
+    assert all(type(value) is float for value in report.values())
+    assert list(iou_report(confusion, ["bg", "a", "b"], "cam", "_best")) == [
+        "cam/miou_best",
+        "cam/iou_best/bg",
+        "cam/iou_best/a",
+    ]
 
 
 def test_iou_class_only_predicted_counts_as_zero():

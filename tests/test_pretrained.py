@@ -62,6 +62,9 @@ def test_file_holding_no_state_dict(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(PretrainedError, match="holds a list, not a state dict"):
         read_state_dict(tmp_path / "list.pth")
+    torch.save({"weight": torch.zeros(1), "epoch": 3}, tmp_path / "mixed.pth")
+    with pytest.raises(PretrainedError, match="holds a dict of non-tensors, not a state dict of tensors"):
+        read_state_dict(tmp_path / "mixed.pth")
 
 
 def test_none_keeps_the_initialisation():

@@ -25,6 +25,7 @@ from pipeline.errors import ConfigError, DatasetError, SegModelError
 from pipeline.io import save_label_png
 from pipeline.models import deeplab as seg
 from pipeline.models.deeplab import build_segmenter, predict_probs, segmentation_loss
+from pipeline.models.pretrained import reachable
 
 TINY = "tu-test_efficientnet"  # a ~90k-parameter timm test model: builds and runs in milliseconds
 
@@ -154,7 +155,7 @@ def test_offline_weight_tag_fails_fast_with_advice(monkeypatch):
     def no_download(*args, **kwargs):
         raise LocalEntryNotFoundError("cannot reach the hub")
 
-    monkeypatch.setattr(seg, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(seg, "reachable", lambda url: True)
     monkeypatch.setattr(smp.encoders, "hf_hub_download", no_download)
     with pytest.raises(SegModelError) as info:
         build_segmenter("deeplabv3plus", "resnet18", 3, "imagenet")
@@ -164,7 +165,7 @@ def test_offline_weight_tag_fails_fast_with_advice(monkeypatch):
 
 
 def test_unreachable_hub_uses_the_cache_only_and_fails_within_seconds(monkeypatch, tmp_path):
-    monkeypatch.setattr(seg, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(seg, "reachable", lambda url: False)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
     offline_before = hub_constants.HF_HUB_OFFLINE
     started = time.monotonic()
@@ -175,7 +176,7 @@ def test_unreachable_hub_uses_the_cache_only_and_fails_within_seconds(monkeypatc
 
 
 def test_unknown_weight_tag_lists_the_available_ones(monkeypatch):
-    monkeypatch.setattr(seg, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(seg, "reachable", lambda url: False)
     with pytest.raises(SegModelError, match="Wrong pretrained weights `nope`.*imagenet"):
         build_segmenter("deeplabv3plus", "resnet18", 3, "nope")
 
@@ -250,6 +251,6 @@ def test_hub_probe_follows_the_endpoint(monkeypatch):
         server.listen(1)
         port = server.getsockname()[1]
         monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-        assert seg._hub_reachable()
+        assert reachable(hub_constants.ENDPOINT)
     monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{port}")  # closed now
-    assert not seg._hub_reachable()
+    assert not reachable(hub_constants.ENDPOINT)

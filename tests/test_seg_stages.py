@@ -20,9 +20,10 @@ from pipeline import evaluate as evaluate_module
 from pipeline import training
 from pipeline.config import CrfParams, EvaluateParams, Params, load_sections
 from pipeline.data.layout import IGNORE, PreparedDataset
-from pipeline.evaluate import CrfPool, evaluate_segmenter
+from pipeline.evaluate import _crf_job, evaluate_segmenter
 from pipeline.io import save_label_png, write_json
 from pipeline.models.deeplab import build_segmenter, save_segmenter
+from pipeline.parallel import OrderedPool
 from pipeline.prepare import prepare
 from pipeline.train_seg import train_segmenter
 from stages.cli import app
@@ -225,8 +226,8 @@ def test_crf_in_worker_processes_matches_the_serial_crf():
     ]
     results = {}
     for workers in (0, 2):
-        pool = CrfPool(params.model_dump(), workers)
-        done = [item for job in jobs for item in pool.submit(*job)] + pool.finish()
+        with OrderedPool(_crf_job, workers, in_flight=2) as pool:
+            done = [item for job in jobs for item in pool.submit((*job, params.model_dump()))] + pool.drain()
         results[workers] = done
     assert [key for key, _ in results[2]] == [key for key, *_ in jobs], "results come back in submission order"
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(results[0], results[2], strict=True))

@@ -7,6 +7,7 @@ pure function of (seed, epoch, index): a resumed run sees exactly the crops an u
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -15,6 +16,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pipeline.data.layout import PreparedDataset
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -30,6 +33,39 @@ def resize_long(image: Image.Image, long_side: int) -> Image.Image:
     return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
 
 
+def crop_offsets(length: int, size: int, rng: np.random.Generator | None) -> tuple[int, int]:
+    """Where one axis of ``length`` pixels goes into a crop of ``size``: ``(source start, target start)``.
+
+    A longer axis is cropped (the source window moves), a shorter one is padded (the image moves inside the
+    canvas). One draw from ``rng`` in ``[0, |length - size|]`` picks the shift; without ``rng`` it is 0.
+    """
+    slack = abs(length - size)
+    shift = int(rng.integers(0, slack + 1)) if rng is not None else 0
+    return (shift, 0) if length > size else (0, shift)
+
+
+def paste_crop(canvas: ArrayT, layer: ArrayT, source: tuple[int, int], target: tuple[int, int]) -> ArrayT:
+    """Crop-and-pad: copy the window of ``layer`` that fits into ``canvas``, in place.
+
+    ``canvas[ty : ty + ch, tx : tx + cw] = layer[sy : sy + ch, sx : sx + cw]`` with ``ch, cw`` the smaller of
+    the two heights and widths; the rest of ``canvas`` keeps its fill (the padding). Both are indexed rows
+    first: (H, W) or (H, W, C) arrays, or ``permute(1, 2, 0)`` views of (C, H, W) tensors (which write through).
+
+    Args:
+        canvas: (S, S[, C]) output, already filled with the padding value.
+        layer: (H, W[, C]) image or label map.
+        source: ``(sy, sx)``, top-left of the window in ``layer``.
+        target: ``(ty, tx)``, top-left of the window in ``canvas``.
+
+    Returns:
+        ``canvas``.
+    """
+    (sy, sx), (ty, tx) = source, target
+    ch, cw = min(layer.shape[0], canvas.shape[0]), min(layer.shape[1], canvas.shape[1])
+    canvas[ty : ty + ch, tx : tx + cw] = layer[sy : sy + ch, sx : sx + cw]
+    return canvas
+
+
 def place_in_canvas(
     image: torch.Tensor, size: int, rng: np.random.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,24 +74,17 @@ def place_in_canvas(
     Args:
         image: Normalised image.
         size: Output side.
-        rng: Random offsets if given, else top-left placement.
+        rng: Random offsets if given (one draw per axis, rows first), else top-left placement.
 
     Returns:
         ``(canvas, valid)`` with ``valid`` a (1, size, size) float mask of real-image pixels.
     """
     _, h, w = image.shape
-
-    def offsets(length: int) -> tuple[int, int]:
-        slack = abs(length - size)
-        shift = int(rng.integers(0, slack + 1)) if rng is not None else 0
-        return (shift, 0) if length > size else (0, shift)  # (source start, target start)
-
-    (sy, ty), (sx, tx) = offsets(h), offsets(w)
-    ch, cw = min(h, size), min(w, size)
+    (sy, ty), (sx, tx) = crop_offsets(h, size, rng), crop_offsets(w, size, rng)
     canvas = torch.zeros(3, size, size)
     valid = torch.zeros(1, size, size)
-    canvas[:, ty : ty + ch, tx : tx + cw] = image[:, sy : sy + ch, sx : sx + cw]
-    valid[:, ty : ty + ch, tx : tx + cw] = 1.0
+    paste_crop(canvas.permute(1, 2, 0), image.permute(1, 2, 0), (sy, sx), (ty, tx))  # (size, size, 3) views
+    paste_crop(valid[0], torch.ones(h, w), (sy, sx), (ty, tx))  # (size, size)
     return canvas, valid
 
 

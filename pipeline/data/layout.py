@@ -19,7 +19,9 @@ train and val images in two folders). Masks are always written into the prepared
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, UserError
 from pipeline.io import atomic_path, load_label_png, write_json
 
 SPLITS = ("train", "train_aug", "val")
@@ -57,6 +59,42 @@ def voc_palette(num: int = 256) -> list[tuple[int, int, int]]:
     if num > IGNORE:
         palette[IGNORE] = (224, 224, 192)
     return palette
+
+
+@contextlib.contextmanager
+def open_image(path: Path, what: str = "image") -> Iterator[Image.Image]:
+    """Open an image file; a failure to open or decode it (also inside the block) is one line naming the file.
+
+    Args:
+        path: The file.
+        what: What it is, for the message (``image``, ``mask``).
+
+    Yields:
+        The opened PIL image (closed when the block ends).
+
+    Raises:
+        DatasetError: ``<what> not found: <path>`` or ``cannot read <what> <path>: <reason>``.
+    """
+    try:
+        with Image.open(path) as image:
+            yield image
+    except FileNotFoundError:
+        raise DatasetError(f"{what} not found: {path}") from None
+    except UserError:
+        raise  # a check in the block (a DatasetError is also a ValueError)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DatasetError(f"cannot read {what} {path}: {reason}") from None
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB.
+
+    Raises:
+        DatasetError: If the file is missing or not a readable image (one line naming the file).
+    """
+    with open_image(path) as image:
+        return np.asarray(image.convert("RGB")).copy()
 
 
 @dataclass(frozen=True)
@@ -165,14 +203,7 @@ class PreparedDataset:
         Raises:
             DatasetError: If the file is missing or not a readable image.
         """
-        path = self.image_path(image_id)
-        try:
-            with Image.open(path) as image:
-                return np.asarray(image.convert("RGB")).copy()
-        except FileNotFoundError:
-            raise DatasetError(f"image not found: {path}") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from None
+        return read_rgb(self.image_path(image_id))
 
     def load_mask(self, image_id: str) -> np.ndarray:
         """Load a ground-truth mask as (H, W) uint8 class ids (255 = ignore)."""

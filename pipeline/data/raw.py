@@ -6,7 +6,6 @@ Every problem is a :class:`~pipeline.data.layout.DatasetError` with a one-line m
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -14,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.data.layout import IGNORE
+from pipeline.data.layout import IGNORE, open_image
 from pipeline.errors import DatasetError
+from pipeline.parallel import map_ordered, resolve_workers
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_WORKERS = 8  # conversion is CPU-bound per image; more processes mostly add memory
@@ -92,13 +91,8 @@ def image_size(path: Path) -> tuple[int, int]:
     Raises:
         DatasetError: If the file is missing or not a readable image.
     """
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except FileNotFoundError:
-        raise DatasetError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from None
+    with open_image(path) as image:
+        return image.size
 
 
 def read_mask(path: Path, num_classes: int) -> np.ndarray:
@@ -114,15 +108,10 @@ def read_mask(path: Path, num_classes: int) -> np.ndarray:
     Raises:
         DatasetError: If the file is missing, unreadable, not an index image, or has unknown values.
     """
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("P", "L"):
-                raise DatasetError(f"mask {path} is a {image.mode} image; expected class indices (palette or L)")
-            mask = np.asarray(image, dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise DatasetError(f"mask not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DatasetError(f"cannot read mask {path}: {exc}") from None
+    with open_image(path, "mask") as image:
+        if image.mode not in ("P", "L"):
+            raise DatasetError(f"mask {path} is a {image.mode} image; expected class indices (palette or L)")
+        mask = np.asarray(image, dtype=np.uint8).copy()
     values = np.unique(mask)
     unknown = values[(values >= num_classes) & (values != IGNORE)]
     if unknown.size:
@@ -156,11 +145,11 @@ def reference(folder: Path, out: Path) -> str:
 
 def default_workers() -> int:
     """Worker processes for converting a dataset: the usable CPUs, at most :data:`MAX_WORKERS`."""
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    return min(MAX_WORKERS, resolve_workers(0))
 
 
 def process_map(function: Callable[[Any], Any], items: Sequence, desc: str, workers: int | None = None) -> list:
-    """``[function(item) for item in items]`` in worker processes, in order, with a progress bar.
+    """``[function(item) for item in items]`` in worker processes (:func:`~pipeline.parallel.map_ordered`), with a bar.
 
     ``function`` and the items must be picklable (a module-level function, or a ``functools.partial`` of one).
     Small inputs run in this process. An exception raised for an item (e.g. a ``DatasetError``) is re-raised here.
@@ -175,8 +164,7 @@ def process_map(function: Callable[[Any], Any], items: Sequence, desc: str, work
         The results in the order of ``items``.
     """
     workers = default_workers() if workers is None else workers
-    bar = {"total": len(items), "desc": desc, "unit": "img", "disable": None, "mininterval": 2}
-    if workers <= 1 or len(items) < 4 * workers:
-        return [function(item) for item in tqdm(items, **bar)]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return list(tqdm(pool.imap(function, items, chunksize=16), **bar))
+    if len(items) < 4 * workers:
+        workers = 1
+    results = map_ordered(function, items, workers)
+    return list(tqdm(results, total=len(items), desc=desc, unit="img", disable=None, mininterval=2))

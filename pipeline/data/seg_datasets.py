@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from pipeline.data.datasets import normalize
+from pipeline.data.datasets import crop_offsets, normalize, paste_crop
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import load_label_png
@@ -87,13 +87,9 @@ def random_scale_flip_crop(
     if flip and rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
     h, w = label.shape
-    out_image = np.zeros((crop, crop, 3), np.uint8)
-    out_label = np.full((crop, crop), IGNORE, np.uint8)
-    sy, ty = (int(rng.integers(0, h - crop + 1)), 0) if h > crop else (0, int(rng.integers(0, crop - h + 1)))
-    sx, tx = (int(rng.integers(0, w - crop + 1)), 0) if w > crop else (0, int(rng.integers(0, crop - w + 1)))
-    ch, cw = min(h, crop), min(w, crop)
-    out_image[ty : ty + ch, tx : tx + cw] = image[sy : sy + ch, sx : sx + cw]
-    out_label[ty : ty + ch, tx : tx + cw] = label[sy : sy + ch, sx : sx + cw]
+    (sy, ty), (sx, tx) = crop_offsets(h, crop, rng), crop_offsets(w, crop, rng)
+    out_image = paste_crop(np.zeros((crop, crop, 3), np.uint8), image, (sy, sx), (ty, tx))
+    out_label = paste_crop(np.full((crop, crop), IGNORE, np.uint8), label, (sy, sx), (ty, tx))
     return out_image, out_label
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from pipeline.data.datasets import normalize
 from pipeline.errors import ConfigError, ModelError, one_line
 from pipeline.models.files import read_model_dir
+from pipeline.models.padding import pad_to_multiple
 from pipeline.models.pretrained import load_pretrained
 from pipeline.refinement.affinity import pair_affinities, radius_offsets
 
@@ -87,9 +88,8 @@ class AffinityNet(nn.Module):
         Returns:
             (B, F, h, w) features with ``(h, w) = grid_size(H, W)``.
         """
-        height, width = images.shape[-2:]
-        h, w = self.grid_size(height, width)
-        padded = F.pad(images, (0, w * self.stride - width, 0, h * self.stride - height))  # (B, 3, h*s, w*s)
+        h, w = self.grid_size(*images.shape[-2:])
+        padded = pad_to_multiple(images, self.pad_multiple)  # (B, 3, h*s, w*s)
         levels = []
         for feature, project in zip(self.encoder(padded), self.projections, strict=True):
             x = project(feature)  # (B, d_i, h_i, w_i)

@@ -7,11 +7,11 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import nn
 
+from pipeline.models.padding import crop_to_input, pad_to_multiple
 from pipeline.models.pretrained import load_pretrained
 
 
@@ -74,12 +74,11 @@ class SwinBackbone(nn.Module):
         Returns:
             ``[s1, s2, s3, s4]`` with ``s_i`` of shape (B, C_i, ceil(H/r_i), ceil(W/r_i)).
         """
-        h, w = x.shape[-2:]
-        pad_h, pad_w = -h % self.stride, -w % self.stride
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        feats = self.model.forward_intermediates(x, norm=self.final_norm, intermediates_only=True)
-        return [f[..., : -(-h // r), : -(-w // r)] for f, r in zip(feats, self.strides, strict=True)]
+        size = x.shape[-2:]
+        feats = self.model.forward_intermediates(
+            pad_to_multiple(x, self.stride), norm=self.final_norm, intermediates_only=True
+        )
+        return [crop_to_input(f, size, r) for f, r in zip(feats, self.strides, strict=True)]
 
 
 def build_backbone(

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 import timm
@@ -28,12 +26,14 @@ from pipeline import runtime
 from pipeline.data.layout import IGNORE
 from pipeline.errors import SegModelError
 from pipeline.models.files import META, read_model_dir, save_model_dir
+from pipeline.models.padding import crop_to_input, pad_to_multiple
+from pipeline.models.pretrained import is_weights_file, load_state_into, reachable, read_state_dict
 
 log = logging.getLogger(__name__)
 
 ARCHS = {"deeplabv3plus": smp.DeepLabV3Plus, "deeplabv3": smp.DeepLabV3}
 META_FORMAT = "wsss-seg/1"
-PROBE_TIMEOUT_S = 3.0
+SETTING = "train_seg.encoder_weights"  # the params key of the encoder weights, in messages
 
 
 class Segmenter(nn.Module):
@@ -53,11 +53,7 @@ class Segmenter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, K, H, W) logits."""
-        h, w = x.shape[-2:]
-        pad_h, pad_w = -h % self.stride, -w % self.stride
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        return self.net(x)[..., :h, :w]
+        return crop_to_input(self.net(pad_to_multiple(x, self.stride)), x.shape[-2:])
 
     def new_modules(self) -> list[nn.Module]:
         """The randomly initialised parts (decoder and head), trained with ``head_lr_mult``."""
@@ -73,21 +69,6 @@ def _check_encoder_name(encoder: str) -> None:
             f"train_seg.encoder: unknown encoder '{encoder}' (an smp encoder such as resnet18, resnet50, resnet101, "
             "mobilenet_v2, efficientnet-b0, or tu-<timm model name>)"
         )
-
-
-def _is_weights_file(value: str) -> bool:
-    return value.endswith((".safetensors", ".pth", ".pt", ".bin")) or "/" in value or Path(value).is_file()
-
-
-def _hub_reachable() -> bool:
-    """Whether the Hugging Face hub answers within a few seconds (smp and timm download weights from it)."""
-    endpoint = urlparse(hub_constants.ENDPOINT)
-    address = (endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443))
-    try:
-        with socket.create_connection(address, timeout=PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
@@ -114,39 +95,18 @@ def _build_net(arch: str, encoder: str, weights: Any, num_classes: int, output_s
 def _build_with_tag(arch: str, encoder: str, tag: str, num_classes: int, output_stride: int, channels: int):
     """Build with named pretrained weights, downloaded by smp/timm (or taken from their cache when offline)."""
     weights = True if encoder.startswith("tu-") else tag
-    offline = not _hub_reachable()
+    offline = not reachable(hub_constants.ENDPOINT)
     try:
         with _hub_offline(offline):
             return _build_net(arch, encoder, weights, num_classes, output_stride, channels)
     except KeyError as exc:
-        raise SegModelError(f"train_seg.encoder_weights: {exc.args[0]}") from None
+        raise SegModelError(f"{SETTING}: {exc.args[0]}") from None
     except (OSError, RuntimeError, ValueError) as exc:
         reason = "no network" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         raise SegModelError(
-            f"train_seg.encoder_weights: cannot download '{tag}' weights for encoder '{encoder}' ({reason}); "
+            f"{SETTING}: cannot download '{tag}' weights for encoder '{encoder}' ({reason}); "
             f"pass a local file instead: train_seg.encoder_weights=/path/to/{encoder}.safetensors (or .pth)"
         ) from None
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise SegModelError(f"train_seg.encoder_weights: weights file {path} not found")
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise SegModelError(f"train_seg.encoder_weights: cannot read {path} ({type(exc).__name__})") from None
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SegModelError(f"train_seg.encoder_weights: {path} is not a state dict of tensors")
-    smp_parts = ("encoder.", "decoder.", "segmentation_head.", "classification_head.")
-    if any(k.startswith("encoder.") for k in state) and all(k.startswith(smp_parts) for k in state):
-        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    return state
 
 
 def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
@@ -159,28 +119,14 @@ def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
         SegModelError: If the file is missing or unreadable, a tensor has the wrong shape, or encoder tensors
             are missing from it.
     """
-    state = _read_state(path)
+    state = read_state_dict(path, SETTING, SegModelError)
+    smp_parts = ("encoder.", "decoder.", "segmentation_head.", "classification_head.")
+    if any(k.startswith("encoder.") for k in state) and all(k.startswith(smp_parts) for k in state):
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     target = encoder
-    own = target.state_dict()
-    if not own.keys() & state.keys() and hasattr(encoder, "model"):
-        target, own = encoder.model, encoder.model.state_dict()
-    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if wrong:
-        key = wrong[0]
-        raise SegModelError(
-            f"train_seg.encoder_weights: {path}: {len(wrong)} tensors have the wrong shape "
-            f"(first: {key} {tuple(state[key].shape)} vs {tuple(own[key].shape)} in the encoder)"
-        )
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise SegModelError(
-            f"train_seg.encoder_weights: {path} lacks {len(missing)} of the encoder's {len(own)} tensors "
-            f"(first: {missing[0]}); is it for another encoder?"
-        )
-    target.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    unused = len(state.keys() - own.keys())
-    if unused:
-        log.info("train_seg.encoder_weights: ignored %d tensors of %s that the encoder does not have", unused, path)
+    if not target.state_dict().keys() & state.keys() and hasattr(encoder, "model"):
+        target = encoder.model
+    load_state_into(target, state, str(path), SETTING, complete=True, error=SegModelError, what="encoder")
 
 
 def build_segmenter(
@@ -212,7 +158,7 @@ def build_segmenter(
     _check_encoder_name(encoder)
     if encoder_weights == "none":
         net = _build_net(arch, encoder, None, num_classes, output_stride, decoder_channels)
-    elif _is_weights_file(encoder_weights):
+    elif is_weights_file(encoder_weights):
         net = _build_net(arch, encoder, None, num_classes, output_stride, decoder_channels)
         load_encoder_weights(net.encoder, Path(encoder_weights))
     else:

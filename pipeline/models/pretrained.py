@@ -41,58 +41,87 @@ def is_weights_file(spec: str) -> bool:
     return spec.endswith(WEIGHT_SUFFIXES) or "/" in spec or os.sep in spec or Path(spec).is_file()
 
 
-def read_state_dict(path: Path | str, setting: str = "model.pretrained") -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: Path | str, setting: str = "model.pretrained", error: type[Exception] = PretrainedError
+) -> dict[str, torch.Tensor]:
     """Read a state dict from a ``.safetensors`` file or a torch checkpoint (``weights_only=True``).
 
     A checkpoint that nests the weights under ``model`` or ``state_dict`` is unwrapped.
 
+    Args:
+        path: The file.
+        setting: The params key that named it (starts every message).
+        error: The exception type to raise (the caller's user error).
+
     Raises:
-        PretrainedError: If the file is missing or unreadable.
+        error: If the file is missing or unreadable, or holds no state dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
-        raise PretrainedError(f"{setting}: weights file {path} not found")
+        raise error(f"{setting}: weights file {path} not found")
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise PretrainedError(f"{setting}: cannot read {path} ({type(exc).__name__})") from None
+        raise error(f"{setting}: cannot read {path} ({type(exc).__name__})") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise PretrainedError(f"{setting}: {path} holds a {type(state).__name__}, not a state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        kind = "dict of non-tensors" if isinstance(state, dict) else type(state).__name__
+        raise error(f"{setting}: {path} holds a {kind}, not a state dict of tensors")
     return state
 
 
 def load_state_into(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str, setting: str = "model.pretrained"
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    setting: str = "model.pretrained",
+    *,
+    complete: bool = False,
+    error: type[Exception] = PretrainedError,
+    what: str = "model",
 ) -> None:
-    """Load matching tensors of ``state`` into ``model``, checking names and shapes.
+    """Load matching tensors of ``state`` into ``model``, checking names and shapes; extra tensors are ignored.
 
     Args:
         model: The network.
         state: The weights.
         source: Where they came from (for messages).
         setting: The params key that named the weights (for messages).
+        complete: Require every tensor of ``model`` (BatchNorm's ``num_batches_tracked`` aside); otherwise one
+            matching tensor is enough and the missing ones are logged.
+        error: The exception type to raise (the caller's user error).
+        what: What ``model`` is, for messages (``model``, ``encoder``).
 
     Raises:
-        PretrainedError: If tensors have the wrong shape or none of them belongs to the model.
+        error: If tensors have the wrong shape, or are missing (``complete``), or none belongs to the model.
     """
     own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong:
         key = wrong[0]
-        raise PretrainedError(
+        raise error(
             f"{setting}: {source}: {len(wrong)} tensors have the wrong shape "
-            f"(first: {key} {tuple(state[key].shape)} vs {tuple(own[key].shape)} in the model)"
+            f"(first: {key} {tuple(state[key].shape)} vs {tuple(own[key].shape)} in the {what})"
         )
-    missing, _ = model.load_state_dict(state, strict=False)
+    missing = [k for k in own if k not in state]
+    needed = [k for k in missing if not k.endswith("num_batches_tracked")] if complete else []
+    if needed:
+        raise error(
+            f"{setting}: {source} lacks {len(needed)} of the {what}'s {len(own)} tensors (first: {needed[0]}); "
+            f"is it for another {what}?"
+        )
     if len(missing) == len(own):
-        raise PretrainedError(f"{setting}: {source} has no weights for this model")
-    if missing:
+        raise error(f"{setting}: {source} has no weights for this {what}")
+    model.load_state_dict(state, strict=False)
+    if missing and not complete:
         log.warning("%s: %d of %d tensors not in %s (e.g. %s)", setting, len(missing), len(own), source, missing[0])
+    unused = len(state.keys() - own.keys())
+    if unused:
+        log.info("%s: ignored %d tensors of %s that the %s does not have", setting, unused, source, what)
 
 
 def _offline() -> bool:
@@ -116,9 +145,17 @@ def _cached_weights(cfg) -> str | None:
     return None
 
 
-def _reachable(host: str, timeout: float) -> bool:
+def reachable(url: str, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether the host of ``url`` accepts a TCP connection within ``timeout`` seconds (a probe before downloads).
+
+    The port is the URL's, else 80 for ``http`` and 443 otherwise; a URL without a host is unreachable.
+    """
+    parts = urlparse(url)
+    if not parts.hostname:
+        return False
+    address = (parts.hostname, parts.port or (80 if parts.scheme == "http" else 443))
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection(address, timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -158,8 +195,9 @@ def timm_state_dict(tag: str, probe_timeout: float = PROBE_TIMEOUT) -> dict[str,
         return model.state_dict()
     if _offline():
         raise PretrainedError(_no_network_message(tag, "not cached and HF_HUB_OFFLINE is set"))
-    host = urlparse(hf_constants.ENDPOINT if cfg.hf_hub_id else cfg.url).hostname or ""
-    if not _reachable(host, probe_timeout):
+    url = hf_constants.ENDPOINT if cfg.hf_hub_id else cfg.url
+    host = urlparse(url).hostname or ""
+    if not reachable(url, probe_timeout):
         raise PretrainedError(_no_network_message(tag, f"not cached and {host} is unreachable"))
     try:
         model = timm.create_model(tag, pretrained=True, num_classes=0)
