@@ -12,6 +12,7 @@ import yaml
 from conftest import run_cli, tiny_params_dict, write_params
 from typer.testing import CliRunner
 
+from pipeline.config import SECTIONS
 from stages.cli import STAGES, app
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -79,6 +80,22 @@ def test_bad_params_exit_2_with_one_line(tmp_path, stage, case):
     assert str(params) in lines[0] and key in lines[0]
     assert "Traceback" not in result.output
     assert not out.exists(), "a stage with invalid params must not start work"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_params_file_without_a_section_exits_2_with_one_line(tmp_path, section):
+    # every section is required, also those the stage does not read (cams reads only `cams`)
+    raw = tiny_params_dict()
+    del raw[section]
+    params = write_params(tmp_path / "bad.yaml", raw)
+    out = tmp_path / "out"
+    result = invoke("cams", "--params", params, *_outputs("cams", out))
+    assert result.exit_code == 2, result.output
+    lines = error_lines(result.stderr)
+    needs = ", ".join(SECTIONS)
+    assert lines == [f"error: {params}: section '{section}' is missing (every params file needs: {needs})"]
+    assert "Traceback" not in result.output
+    assert not out.exists()
 
 
 def test_missing_params_file(tmp_path):

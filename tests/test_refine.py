@@ -298,12 +298,13 @@ def test_config_errors(model, bad):
 
 def test_config_error_in_a_params_file_is_one_line(tmp_path):
     import yaml
+    from conftest import default_params_dict
 
     from pipeline.config import load_params
     from pipeline.errors import ConfigError
 
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"refine": {"ignore_band": [0.5, 0.6]}}))
+    path.write_text(yaml.safe_dump(default_params_dict(refine={"ignore_band": [0.5, 0.6]})))
     with pytest.raises(ConfigError) as info:
         load_params(path)
     message = str(info.value)
