@@ -240,6 +240,13 @@ def test_cams_metrics_agree_with_train_cls(pipeline_run):
     assert cams["map_classwise"] == pytest.approx(trained["map_classwise"], abs=1e-6)
 
 
-def test_params_file_in_results_matches_run(pipeline_run):
+def test_train_cls_records_the_run_and_the_params_it_used(pipeline_run):
+    # dvclive's params.yaml holds facts of the run (not the params file: DVC tracks that itself)
     logged = yaml.safe_load((pipeline_run / "results/train_cls/params.yaml").read_text())
-    assert logged["world_size"] == 1 and logged["resumed_at_epoch"] == 0
+    assert logged == {"world_size": 1, "device": "cpu", "resumed_at_epoch": 0}
+    # meta.json holds the params the model was built with: they must be the params file's values
+    used = yaml.safe_load((pipeline_run / "params.yaml").read_text())
+    meta = json.loads((pipeline_run / "models" / "meta.json").read_text())
+    assert meta["model"] == used["model"]
+    assert meta["img_size"] == used["train_cls"]["crop_size"]
+    assert meta["mean"] == used["data"]["mean"] and meta["std"] == used["data"]["std"]
