@@ -106,6 +106,7 @@ def test_missing_params_file(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
 
 
+@pytest.mark.slow  # a Python subprocess (torch import, ~5-10 s on a shared core)
 def test_bad_params_in_a_real_process(tmp_path):
     # a subprocess shows what a user sees: no log lines, warnings or traceback besides the error
     params = write_params(tmp_path / "bad.yaml", tiny_params_dict(loss={"gsc_weight": -1}))

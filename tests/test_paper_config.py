@@ -77,6 +77,7 @@ def voc_params(raw: Path, **overrides) -> dict:
     return raw_params
 
 
+@pytest.mark.slow  # dvc subprocesses
 def test_dvc_repro_dry_lists_the_full_dag_on_voc(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
