@@ -2,8 +2,13 @@
 
 Every section of ``params.yaml`` has a pydantic model here with ``extra="forbid"``, so an unknown key, a wrong
 type or an out-of-range value stops the run before any work with a :class:`ConfigError` naming the file, the
-dotted key, the bad value and what is allowed. A stage asks only for the sections its ``dvc.yaml`` entry
-declares (:func:`load_sections`); the other sections are validated but not handed out.
+dotted key, the bad value and what is allowed. Every top-level section must be present (a file missing one is
+refused, naming it); inside a section, a key left out takes its default. A stage asks only for the sections its
+``dvc.yaml`` entry declares (:func:`load_sections`); the other sections are validated but not handed out.
+
+Keys shared by several sections are declared once in mixins whose keys sit directly in the section:
+:class:`Runtime` / :class:`AmpRuntime` (``device``, ``threads``, ``amp``) and :class:`Schedule` (the optimiser
+and learning-rate schedule).
 """
 
 from __future__ import annotations
@@ -21,12 +26,59 @@ from pipeline.errors import ConfigError
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
+WeightDecay = Annotated[float, Field(ge=0)]
+WarmupEpochs = Annotated[float, Field(ge=0)]
+MinLrRatio = Annotated[float, Field(ge=0, le=1)]
 
 
 class Section(BaseModel):
     """Base of every params section: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Device = Literal["auto", "cpu", "cuda"]
+ScheduleName = Literal["cosine", "poly"]
+WARMUP_MESSAGE = "warmup_epochs must be smaller than epochs"
+
+
+class Runtime(Section):
+    """Where a stage computes: ``device`` (``auto`` = CUDA if available) and CPU ``threads`` (0 = torch's default).
+
+    A mixin: its keys sit directly in the section (``train_cls.device``), not in a sub-mapping.
+    """
+
+    device: Device = "auto"
+    threads: Annotated[int, Field(ge=0)] = 0
+
+
+class AmpRuntime(Runtime):
+    """:class:`Runtime` plus ``amp``: mixed precision on CUDA (bfloat16 where supported, else float16)."""
+
+    amp: bool = True
+
+
+class Schedule(Section):
+    """The optimiser and learning-rate schedule of a training stage, with ``warmup_epochs < epochs`` checked once.
+
+    A mixin: its keys sit directly in the section. The defaults are those shared by most stages; a section
+    re-declares a field (same type alias) to change its default. ``epochs`` has no default here: every training
+    section sets its own.
+    """
+
+    epochs: PositiveInt
+    lr: PositiveFloat = 1e-3
+    head_lr_mult: PositiveFloat = 10.0
+    weight_decay: WeightDecay = 1e-4
+    warmup_epochs: WarmupEpochs = 1.0
+    schedule: ScheduleName = "poly"
+    min_lr_ratio: MinLrRatio = 0.0
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> Schedule:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(WARMUP_MESSAGE)
+        return self
 
 
 class SyntheticParams(Section):
@@ -96,17 +148,14 @@ class ModelParams(Section):
     bg_iou_scale: Annotated[float, Field(gt=0, le=1)] = 0.5
 
 
-class TrainClsParams(Section):
+class TrainClsParams(Schedule, AmpRuntime):
     """Classifier fine-tuning (``train_cls``)."""
 
     epochs: PositiveInt = 16
     batch_size: PositiveInt = 16
-    lr: PositiveFloat = 1e-3
-    head_lr_mult: PositiveFloat = 10.0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.05
-    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
-    schedule: Literal["cosine", "poly"] = "cosine"
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.01
+    weight_decay: WeightDecay = 0.05
+    schedule: ScheduleName = "cosine"
+    min_lr_ratio: MinLrRatio = 0.01
     grad_clip: Annotated[float, Field(ge=0)] = 1.0
     crop_size: Annotated[int, Field(ge=16)] = 96
     resize_long: tuple[PositiveInt, PositiveInt] = (80, 112)
@@ -114,16 +163,11 @@ class TrainClsParams(Section):
     color_jitter: Annotated[float, Field(ge=0, le=1)] = 0.0
     num_workers: Annotated[int, Field(ge=0)] = 0
     cache_images: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True
-    threads: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _ranges(self) -> TrainClsParams:
         if self.resize_long[0] > self.resize_long[1]:
             raise ValueError("resize_long must be [min, max] with min <= max")
-        if self.warmup_epochs >= self.epochs:
-            raise ValueError("warmup_epochs must be smaller than epochs")
         return self
 
 
@@ -148,7 +192,7 @@ class SweepParams(Section):
 SeedLocating = Literal["structure", "cam"]
 
 
-class CamsParams(Section):
+class CamsParams(Runtime):
     """CAM / R-CAM inference and seed evaluation (``cams``).
 
     ``seed_locating`` chooses the seeds of R-CAM's prototypes at inference: ``structure`` is SWTformer's
@@ -164,8 +208,6 @@ class CamsParams(Section):
     shard_size: PositiveInt = 500
     gallery_size: Annotated[int, Field(ge=0, le=64)] = 16
     sweep: SweepParams = SweepParams()
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: Annotated[int, Field(ge=0)] = 0
 
 
 class CrfParams(Section):
@@ -230,7 +272,7 @@ class AffinityNetParams(Section):
         return self
 
 
-class TrainAffParams(Section):
+class TrainAffParams(Schedule, AmpRuntime):
     """AffinityNet training on affinity labels derived from the seeds (``train_aff``)."""
 
     seed_map: SeedMapName = "cam"
@@ -239,24 +281,10 @@ class TrainAffParams(Section):
     radius: Annotated[int, Field(ge=2, le=16)] = 3
     epochs: PositiveInt = 3
     batch_size: PositiveInt = 16
-    lr: PositiveFloat = 1e-3
-    head_lr_mult: PositiveFloat = 10.0
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    warmup_epochs: Annotated[float, Field(ge=0)] = 0.5
-    schedule: Literal["cosine", "poly"] = "poly"
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    warmup_epochs: WarmupEpochs = 0.5
     crop_size: Annotated[int, Field(ge=16)] = 96
     flip: bool = True
     label_workers: Annotated[int, Field(ge=0)] = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True
-    threads: Annotated[int, Field(ge=0)] = 0
-
-    @model_validator(mode="after")
-    def _ranges(self) -> TrainAffParams:
-        if self.warmup_epochs >= self.epochs:
-            raise ValueError("warmup_epochs must be smaller than epochs")
-        return self
 
 
 class PsaParams(Section):
@@ -287,7 +315,7 @@ class RefineParams(Section):
         return self
 
 
-class TrainSegParams(Section):
+class TrainSegParams(Schedule, AmpRuntime):
     """DeepLab training on pseudo labels (``train_seg``), built through segmentation-models-pytorch."""
 
     arch: Literal["deeplabv3plus", "deeplabv3"] = "deeplabv3plus"
@@ -302,30 +330,21 @@ class TrainSegParams(Section):
     lr: PositiveFloat = 2e-3
     head_lr_mult: PositiveFloat = 1.0
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
-    schedule: Literal["poly", "cosine"] = "poly"
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
     grad_clip: Annotated[float, Field(ge=0)] = 0.0
     crop_size: Annotated[int, Field(ge=16)] = 96
     scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 2.0)
     flip: bool = True
     val_every: Annotated[int, Field(ge=0)] = 1
     num_workers: Annotated[int, Field(ge=0)] = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True
-    threads: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _ranges(self) -> TrainSegParams:
         if self.scale_range[0] > self.scale_range[1]:
             raise ValueError("scale_range must be [min, max] with min <= max")
-        if self.warmup_epochs >= self.epochs:
-            raise ValueError("warmup_epochs must be smaller than epochs")
         return self
 
 
-class EvaluateParams(Section):
+class EvaluateParams(AmpRuntime):
     """Evaluation of the segmentation model (``evaluate``): single-scale, multi-scale + flip, and CRF.
 
     The CRF runs on the multi-scale + flip probabilities of all classes (no image labels at test time); its
@@ -343,31 +362,42 @@ class EvaluateParams(Section):
         gauss_sxy=3.0, gauss_compat=3.0, bilateral_sxy=64.0, bilateral_srgb=5.0, bilateral_compat=4.0
     )
     crf_workers: Annotated[int, Field(ge=0)] = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True
-    threads: Annotated[int, Field(ge=0)] = 0
 
 
 class Params(Section):
-    """The whole ``params.yaml``."""
+    """The whole ``params.yaml``.
 
-    seed: Annotated[int, Field(ge=0)] = 0
-    data: DataParams = DataParams()
-    model: ModelParams = ModelParams()
-    train_cls: TrainClsParams = TrainClsParams()
-    loss: LossParams = LossParams()
-    cams: CamsParams = CamsParams()
-    train_aff: TrainAffParams = TrainAffParams()
-    refine: RefineParams = RefineParams()
-    train_seg: TrainSegParams = TrainSegParams()
-    evaluate: EvaluateParams = EvaluateParams()
+    Every section is required: a params file names each one (the keys inside a section keep their defaults), so
+    a file written for a few stages cannot silently run the others on defaults.
+    """
+
+    seed: Annotated[int, Field(ge=0)]
+    data: DataParams
+    model: ModelParams
+    train_cls: TrainClsParams
+    loss: LossParams
+    cams: CamsParams
+    train_aff: TrainAffParams
+    refine: RefineParams
+    train_seg: TrainSegParams
+    evaluate: EvaluateParams
 
 
 SECTIONS = tuple(Params.model_fields)
 
 
-def _format_error(path: Path, error: dict[str, Any]) -> str:
-    """One line for the first pydantic error: file, dotted key, value, what is allowed."""
+def _format_error(path: Path, errors: list[dict[str, Any]]) -> str:
+    """One line for a failed validation: file, dotted key, value, what is allowed.
+
+    Missing top-level sections are reported first (all of them, in one line); otherwise the first error is.
+    """
+    missing = [str(e["loc"][0]) for e in errors if e["type"] == "missing" and len(e["loc"]) == 1]
+    needs = f"every params file needs: {', '.join(SECTIONS)}"
+    if len(missing) == 1:
+        return f"{path}: section '{missing[0]}' is missing ({needs})"
+    if missing:
+        return f"{path}: sections {', '.join(repr(m) for m in missing)} are missing ({needs})"
+    error = errors[0]
     key = ".".join(str(part) for part in error["loc"]) or "<top level>"
     kind = error["type"]
     value = error.get("input")
@@ -387,7 +417,7 @@ def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
     """Validate an already-loaded params mapping.
 
     Args:
-        raw: The mapping read from YAML.
+        raw: The mapping read from YAML; it must hold every section of :data:`SECTIONS`.
         path: The file it came from (used in messages only).
 
     Returns:
@@ -404,7 +434,7 @@ def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_error(path, exc.errors()[0])) from None
+        raise ConfigError(_format_error(path, exc.errors())) from None
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

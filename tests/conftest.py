@@ -86,10 +86,20 @@ def deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
     return merged
 
 
+def default_params() -> Params:
+    """Seed 0 and every section at its typed defaults (``Params`` has none of its own: a file names every section)."""
+    sections = {name: field.annotation() for name, field in Params.model_fields.items() if name != "seed"}
+    return Params(seed=0, **sections)
+
+
+def default_params_dict(**overrides: Any) -> dict[str, Any]:
+    """:func:`default_params` as plain data (a complete params file); keyword arguments are per-section overrides."""
+    return deep_update(default_params().model_dump(mode="json"), overrides)
+
+
 def tiny_params_dict(**overrides: Any) -> dict[str, Any]:
     """The tiny configuration as plain data; keyword arguments are per-section overrides (merged deeply)."""
-    raw = deep_update(Params().model_dump(mode="json"), TINY_OVERRIDES)
-    return deep_update(raw, overrides)
+    return deep_update(default_params_dict(**TINY_OVERRIDES), overrides)
 
 
 def write_params(path: Path, raw: dict[str, Any]) -> Path:

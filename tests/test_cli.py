@@ -12,6 +12,7 @@ import yaml
 from conftest import run_cli, tiny_params_dict, write_params
 from typer.testing import CliRunner
 
+from pipeline.config import SECTIONS
 from stages.cli import STAGES, app
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -81,6 +82,22 @@ def test_bad_params_exit_2_with_one_line(tmp_path, stage, case):
     assert not out.exists(), "a stage with invalid params must not start work"
 
 
+@pytest.mark.parametrize("section", SECTIONS)
+def test_params_file_without_a_section_exits_2_with_one_line(tmp_path, section):
+    # every section is required, also those the stage does not read (cams reads only `cams`)
+    raw = tiny_params_dict()
+    del raw[section]
+    params = write_params(tmp_path / "bad.yaml", raw)
+    out = tmp_path / "out"
+    result = invoke("cams", "--params", params, *_outputs("cams", out))
+    assert result.exit_code == 2, result.output
+    lines = error_lines(result.stderr)
+    needs = ", ".join(SECTIONS)
+    assert lines == [f"error: {params}: section '{section}' is missing (every params file needs: {needs})"]
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_missing_params_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     result = invoke("prepare", "--params", missing, "--out", tmp_path / "out")
@@ -89,6 +106,7 @@ def test_missing_params_file(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
 
 
+@pytest.mark.slow  # a Python subprocess (torch import, ~5-10 s on a shared core)
 def test_bad_params_in_a_real_process(tmp_path):
     # a subprocess shows what a user sees: no log lines, warnings or traceback besides the error
     params = write_params(tmp_path / "bad.yaml", tiny_params_dict(loss={"gsc_weight": -1}))
@@ -223,6 +241,13 @@ def test_cams_metrics_agree_with_train_cls(pipeline_run):
     assert cams["map_classwise"] == pytest.approx(trained["map_classwise"], abs=1e-6)
 
 
-def test_params_file_in_results_matches_run(pipeline_run):
+def test_train_cls_records_the_run_and_the_params_it_used(pipeline_run):
+    # dvclive's params.yaml holds facts of the run (not the params file: DVC tracks that itself)
     logged = yaml.safe_load((pipeline_run / "results/train_cls/params.yaml").read_text())
-    assert logged["world_size"] == 1 and logged["resumed_at_epoch"] == 0
+    assert logged == {"world_size": 1, "device": "cpu", "resumed_at_epoch": 0}
+    # meta.json holds the params the model was built with: they must be the params file's values
+    used = yaml.safe_load((pipeline_run / "params.yaml").read_text())
+    meta = json.loads((pipeline_run / "models" / "meta.json").read_text())
+    assert meta["model"] == used["model"]
+    assert meta["img_size"] == used["train_cls"]["crop_size"]
+    assert meta["mean"] == used["data"]["mean"] and meta["std"] == used["data"]["std"]

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import default_params, default_params_dict
 from pydantic import ValidationError
 
 from pipeline.config import SECTIONS, LossParams, Params, StageParams, load_params, load_sections, parse_params
@@ -16,6 +17,11 @@ def write_params(tmp_path: Path, raw: object, name: str = "params.yaml") -> Path
     return path
 
 
+def write_full(tmp_path: Path, name: str = "params.yaml", **overrides: object) -> Path:
+    """A complete params file: every section at its defaults, with per-section overrides merged in."""
+    return write_params(tmp_path, default_params_dict(**overrides), name)
+
+
 def config_error(path: Path) -> str:
     with pytest.raises(ConfigError) as info:
         load_params(path)
@@ -26,9 +32,8 @@ def config_error(path: Path) -> str:
 
 
 def test_defaults_validate():
-    params = parse_params({})
-    assert params == Params()
-    assert parse_params(None) == Params()
+    params = parse_params({name: {} for name in SECTIONS} | {"seed": 0})
+    assert params == default_params()
     assert SECTIONS == (
         "seed",
         "data",
@@ -45,11 +50,52 @@ def test_defaults_validate():
 
 def test_repo_params_file_is_the_typed_defaults():
     # one source of truth: a value edited in one place only (or in the wrong section) fails here
-    assert load_params(REPO_PARAMS) == Params()
+    assert load_params(REPO_PARAMS) == default_params()
+
+
+def test_top_level_sections_have_no_defaults():
+    assert all(field.is_required() for field in Params.model_fields.values())
+    with pytest.raises(ValidationError):
+        Params()
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_params_file_without_a_section_is_refused(tmp_path, section):
+    raw = default_params_dict()
+    del raw[section]
+    path = write_params(tmp_path, raw, "partial.yaml")
+    message = config_error(path)
+    assert message == (
+        f"{path}: section '{section}' is missing (every params file needs: "
+        "seed, data, model, train_cls, loss, cams, train_aff, refine, train_seg, evaluate)"
+    )
+
+
+def test_every_missing_section_is_named_in_one_line(tmp_path):
+    path = write_params(tmp_path, {"seed": 0, "data": {}, "loss": {"cclx": True}}, "partial.yaml")
+    message = config_error(path)  # the missing sections come before other errors
+    assert message.startswith(
+        f"{path}: sections 'model', 'train_cls', 'cams', 'train_aff', 'refine', 'train_seg', 'evaluate' are missing"
+    )
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_empty_params_file_is_refused(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    message = config_error(path)
+    assert "sections 'seed', 'data', 'model'" in message and "are missing" in message
+
+
+def test_an_empty_section_takes_the_section_defaults(tmp_path):
+    path = write_params(tmp_path, {name: {} for name in SECTIONS} | {"seed": 0, "cams": None})
+    assert "cams" in config_error(path), "a null section is not an empty one"
+    path = write_params(tmp_path, {name: {} for name in SECTIONS} | {"seed": 0})
+    assert load_params(path) == default_params()
 
 
 def test_values_are_read(tmp_path):
-    path = write_params(tmp_path, {"seed": 3, "loss": {"ccl": False}, "model": {"hff_dims": [1, 2, 3, 4]}})
+    path = write_full(tmp_path, seed=3, loss={"ccl": False}, model={"hff_dims": [1, 2, 3, 4]})
     params = load_params(path)
     assert params.seed == 3
     assert params.loss.ccl is False
@@ -58,14 +104,14 @@ def test_values_are_read(tmp_path):
 
 
 def test_unknown_top_level_key(tmp_path):
-    path = write_params(tmp_path, {"bogus": 1})
+    path = write_params(tmp_path, default_params_dict(bogus=1))
     message = config_error(path)
     assert "'bogus'" in message
     assert "cams, data, evaluate, loss, model, refine, seed, train_aff, train_cls, train_seg" in message
 
 
 def test_unknown_nested_key(tmp_path):
-    path = write_params(tmp_path, {"loss": {"cclx": True}})
+    path = write_full(tmp_path, loss={"cclx": True})
     message = config_error(path)
     assert "'loss.cclx'" in message
     assert ", ".join(sorted(LossParams.model_fields)) in message
@@ -73,7 +119,7 @@ def test_unknown_nested_key(tmp_path):
 
 
 def test_unknown_deeply_nested_key(tmp_path):
-    path = write_params(tmp_path, {"data": {"synthetic": {"image_sise": 64}}})
+    path = write_full(tmp_path, data={"synthetic": {"image_sise": 64}})
     message = config_error(path)
     assert "'data.synthetic.image_sise'" in message
     assert "image_size" in message
@@ -81,21 +127,21 @@ def test_unknown_deeply_nested_key(tmp_path):
 
 
 def test_wrong_type_names_key_and_value(tmp_path):
-    path = write_params(tmp_path, {"train_cls": {"epochs": "abc"}})
+    path = write_full(tmp_path, train_cls={"epochs": "abc"})
     message = config_error(path)
     assert "train_cls.epochs" in message
     assert '"abc"' in message
 
 
 def test_out_of_range_names_key_and_value(tmp_path):
-    path = write_params(tmp_path, {"train_cls": {"lr": -1}})
+    path = write_full(tmp_path, train_cls={"lr": -1})
     message = config_error(path)
     assert "train_cls.lr = -1" in message
     assert "greater than 0" in message
 
 
 def test_bad_literal_names_allowed_values(tmp_path):
-    path = write_params(tmp_path, {"loss": {"ccl_mode": "fancy"}})
+    path = write_full(tmp_path, loss={"ccl_mode": "fancy"})
     message = config_error(path)
     assert "loss.ccl_mode" in message
     assert "fancy" in message
@@ -103,7 +149,7 @@ def test_bad_literal_names_allowed_values(tmp_path):
 
 
 def test_cross_field_check(tmp_path):
-    path = write_params(tmp_path, {"train_cls": {"epochs": 2, "warmup_epochs": 5}})
+    path = write_full(tmp_path, train_cls={"epochs": 2, "warmup_epochs": 5})
     message = config_error(path)
     assert "train_cls" in message
     assert "warmup_epochs must be smaller than epochs" in message
@@ -129,13 +175,13 @@ def test_not_a_mapping(tmp_path):
 
 
 def test_params_are_frozen():
-    params = Params()
+    params = default_params()
     with pytest.raises(ValidationError):
         params.seed = 5
 
 
 def test_stage_params_exposes_only_declared_sections(tmp_path):
-    path = write_params(tmp_path, {"seed": 7})
+    path = write_full(tmp_path, seed=7)
     stage = load_sections(path, ("seed", "loss"))
     assert stage.seed == 7
     assert stage.loss == LossParams()
@@ -147,24 +193,67 @@ def test_stage_params_exposes_only_declared_sections(tmp_path):
 
 def test_stage_params_rejects_unknown_section():
     with pytest.raises(KeyError):
-        StageParams(Params(), ("seed", "refinement"))
+        StageParams(default_params(), ("seed", "refinement"))
 
 
 def test_load_sections_validates_whole_file(tmp_path):
-    path = write_params(tmp_path, {"model": {"bad": 1}})
+    path = write_full(tmp_path, model={"bad": 1})
     with pytest.raises(ConfigError, match="model.bad"):
         load_sections(path, ("seed",))
 
 
 def test_digest_is_stable_and_tracks_declared_sections(tmp_path):
     sections = ("model", "loss")
-    base = load_sections(write_params(tmp_path, {"seed": 0}, "a.yaml"), sections).digest()
-    again = load_sections(write_params(tmp_path, {"seed": 0}, "b.yaml"), sections).digest()
+    base = load_sections(write_full(tmp_path, "a.yaml"), sections).digest()
+    again = load_sections(write_full(tmp_path, "b.yaml"), sections).digest()
     assert base == again
-    assert StageParams(Params(), sections).digest() == base
-    undeclared = load_sections(write_params(tmp_path, {"seed": 9, "cams": {"flip": False}}, "c.yaml"), sections)
+    assert StageParams(default_params(), sections).digest() == base
+    undeclared = load_sections(write_full(tmp_path, "c.yaml", seed=9, cams={"flip": False}), sections)
     assert undeclared.digest() == base
-    declared = load_sections(write_params(tmp_path, {"loss": {"ccl": False}}, "d.yaml"), sections)
+    declared = load_sections(write_full(tmp_path, "d.yaml", loss={"ccl": False}), sections)
     assert declared.digest() != base
-    nested = load_sections(write_params(tmp_path, {"model": {"swin": {"embed_dim": 32}}}, "e.yaml"), sections)
+    nested = load_sections(write_full(tmp_path, "e.yaml", model={"swin": {"embed_dim": 32}}), sections)
     assert nested.digest() != base
+
+
+def test_shared_keys_sit_flat_in_each_section():
+    # Runtime / AmpRuntime / Schedule are mixins: their keys are the section's own, as in params.yaml
+    fields = {name: set(Params.model_fields[name].annotation.model_fields) for name in SECTIONS if name != "seed"}
+    schedule = {"epochs", "lr", "head_lr_mult", "weight_decay", "warmup_epochs", "schedule", "min_lr_ratio"}
+    for name in ("train_cls", "train_aff", "train_seg", "evaluate"):
+        assert {"device", "threads", "amp"} <= fields[name], name
+    assert {"device", "threads"} <= fields["cams"] and "amp" not in fields["cams"]
+    for name in ("train_cls", "train_aff", "train_seg"):
+        assert schedule <= fields[name], name
+    for name in ("data", "model", "loss", "refine"):
+        assert not fields[name] & ({"device", "threads", "amp"} | schedule), name
+
+
+def test_schedule_defaults_differ_per_section():
+    params = default_params()
+    schedules = {
+        name: {key: getattr(getattr(params, name), key) for key in ("lr", "head_lr_mult", "weight_decay", "schedule")}
+        for name in ("train_cls", "train_aff", "train_seg")
+    }
+    assert schedules["train_cls"] == {"lr": 1e-3, "head_lr_mult": 10.0, "weight_decay": 0.05, "schedule": "cosine"}
+    assert schedules["train_aff"] == {"lr": 1e-3, "head_lr_mult": 10.0, "weight_decay": 1e-4, "schedule": "poly"}
+    assert schedules["train_seg"] == {"lr": 2e-3, "head_lr_mult": 1.0, "weight_decay": 1e-4, "schedule": "poly"}
+    warmups = [getattr(params, name).warmup_epochs for name in ("train_cls", "train_aff", "train_seg")]
+    assert warmups == [1.0, 0.5, 1.0]
+    assert [getattr(params, name).epochs for name in ("train_cls", "train_aff", "train_seg")] == [16, 3, 8]
+
+
+@pytest.mark.parametrize("section", ["train_cls", "train_aff", "train_seg"])
+def test_warmup_shorter_than_training_in_every_training_section(tmp_path, section):
+    path = write_full(tmp_path, **{section: {"epochs": 2, "warmup_epochs": 2}})
+    message = config_error(path)
+    assert message.startswith(f"{path}: {section} = ") and message.endswith(
+        "is invalid: warmup_epochs must be smaller than epochs"
+    )
+    assert load_params(write_full(tmp_path, "ok.yaml", **{section: {"epochs": 2, "warmup_epochs": 1.5}}))
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [("cams", "device", "tpu"), ("evaluate", "threads", -1)])
+def test_shared_keys_are_validated_in_place(tmp_path, section, key, value):
+    message = config_error(write_full(tmp_path, **{section: {key: value}}))
+    assert f"{section}.{key} = " in message

@@ -15,6 +15,8 @@ from pipeline.config import Params
 from pipeline.prepare import prepare
 from pipeline.training import warmup_decay
 
+pytestmark = pytest.mark.slow  # torchrun with two processes
+
 # 4 images, a global batch of 4 (2 per process), 2 epochs: one optimiser step per epoch, two in all
 DDP = {
     "data": {"synthetic": {"num_train": 4, "num_val": 4}},

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import default_params_dict, write_params
 from typer.testing import CliRunner
 
 from pipeline.data.download import Archive, download_archives, fetch, safe_extract
@@ -250,16 +251,16 @@ def test_checksum_arguments(tmp_path):
 
 
 def test_cli_download_of_the_synthetic_dataset_exits_2(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text("data:\n  dataset: synthetic\n")
+    params = write_params(tmp_path / "params.yaml", default_params_dict(data={"dataset": "synthetic"}))
     result = CliRunner().invoke(app, ["download", "--params", str(params)])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == "error: data.dataset = 'synthetic': nothing to download (downloadable: voc, coco)"
 
 
 def test_cli_download_without_trust_refuses_the_unpinned_sbd_masks(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text(f"data:\n  dataset: voc\n  root: {tmp_path / 'raw'}\n")
+    params = write_params(
+        tmp_path / "params.yaml", default_params_dict(data={"dataset": "voc", "root": str(tmp_path / "raw")})
+    )
     result = CliRunner().invoke(app, ["download", "--params", str(params)])
     assert result.exit_code == 2, result.output
     assert "SegmentationClassAug.zip has no published checksum" in result.stderr

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, default_params
 
 from pipeline import config
 from pipeline.config import Params, StageParams
@@ -98,19 +98,19 @@ def test_top_level_plots_are_outs():
 
 
 def test_undeclared_section_raises_at_access():
-    params = StageParams(Params(), ("cams",))
-    assert params.cams.shard_size == Params().cams.shard_size
+    params = StageParams(default_params(), ("cams",))
+    assert params.cams.shard_size == default_params().cams.shard_size
     with pytest.raises(AttributeError, match="did not declare params section 'model'"):
         _ = params.model
     with pytest.raises(AttributeError):
         _ = params.train_cls.epochs
     with pytest.raises(KeyError):
-        StageParams(Params(), ("cams", "no_such_section"))
+        StageParams(default_params(), ("cams", "no_such_section"))
 
 
 def test_digest_depends_only_on_declared_sections():
     # a checkpoint stays valid when an undeclared section changes, and not when a declared one does
-    base = Params()
+    base = default_params()
     changed_other = base.model_copy(update={"cams": base.cams.model_copy(update={"shard_size": 3})})
     changed_own = base.model_copy(update={"loss": base.loss.model_copy(update={"ccl": False})})
     sections = importlib.import_module("stages.train_cls").SECTIONS

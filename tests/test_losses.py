@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,11 +28,22 @@ def test_ccl_literal_minimum_at_nine_thirteenths():
     assert cos[ccl_literal(cos).argmin()].item() == pytest.approx(9 / 13, abs=0.01)
 
 
-def test_classification_loss_matches_torch():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 5)
-    labels = (torch.rand(3, 5) > 0.5).float()
-    assert_close(classification_loss(logits, labels), F.multilabel_soft_margin_loss(logits, labels))
+def test_classification_loss_of_zero_logits_is_ln2():
+    # sigmoid(0) = 1/2 whatever the label: -log(1/2) for every class and image
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    assert_close(classification_loss(torch.zeros(2, 3), labels), torch.tensor(math.log(2)))
+
+
+def test_classification_loss_hand_values():
+    # sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4; per class -[y log p + (1 - y) log(1 - p)]
+    # image 1: labels (1, 1) at logits (ln 3, -ln 3) -> (ln 4/3 + ln 4) / 2 = ln(16/3) / 2
+    # image 2: labels (0, 1) at logits (ln 3, 0)     -> (ln 4 + ln 2) / 2   = ln 8 / 2
+    ln3 = math.log(3)
+    logits = torch.tensor([[ln3, -ln3], [ln3, 0.0]], dtype=torch.float64)
+    labels = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    expected = (math.log(16 / 3) / 2 + math.log(8) / 2) / 2  # = ln(128/3) / 4: the mean over images
+    assert classification_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert classification_loss(logits[:1], labels[:1]).item() == pytest.approx(math.log(16 / 3) / 2, rel=1e-6)
 
 
 def test_gsc_loss():
@@ -155,8 +168,10 @@ def test_swtformer_loss_v1_outputs_only_cls():
     out = v2_outputs()
     v1 = {"logits": out["logits"], "cam": torch.rand(2, 3, 2, 2)}
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    terms = swtformer_loss(v1, labels, valid_mask_for(labels), **LossParams().model_dump())
+    terms = swtformer_loss(v1, labels, valid_mask_for(labels), cls_weight=2.5)
     assert set(terms) == {"cls", "total"}
+    assert_close(terms["total"], 2.5 * terms["cls"])
+    assert_close(terms["cls"], classification_loss(out["logits"], labels))
 
 
 def test_swtformer_loss_gradients_reach_both_maps():

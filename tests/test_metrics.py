@@ -58,10 +58,22 @@ def test_threshold_grid_inclusive():
     np.testing.assert_array_equal(threshold_grid(1.0, 0.25), [0.0, 0.25, 0.5, 0.75, 1.0])
 
 
-@pytest.mark.parametrize("max_threshold", [0.55, 0.75])
-def test_threshold_grid_never_exceeds_max(max_threshold):
-    grid = threshold_grid(max_threshold, 0.1)
-    assert grid[-1] <= max_threshold + 1e-9
+@pytest.mark.parametrize(
+    ("max_threshold", "step", "last", "length"),
+    [
+        (0.55, 0.1, 0.5, 6),  # max between two steps: the grid stops below it
+        (0.75, 0.1, 0.7, 8),
+        (0.3, 0.1, 0.3, 4),  # 0.3 / 0.1 = 2.9999999999999996 in floats: 0.3 is still reached
+        (0.6, 0.07, 0.56, 9),
+        (0.05, 0.1, 0.0, 1),  # max below one step: only 0
+    ],
+)
+def test_threshold_grid_values_when_max_is_not_on_the_grid(max_threshold, step, last, length):
+    grid = threshold_grid(max_threshold, step)
+    assert len(grid) == length
+    assert grid[0] == 0.0 and grid[-1] == pytest.approx(last, abs=1e-12)
+    np.testing.assert_allclose(grid, np.arange(length) * step, atol=1e-12)
+    assert grid[-1] <= max_threshold
 
 
 def test_seed_evaluator_argmax_protocol():

@@ -14,14 +14,27 @@ from conftest import REPO, VENV_BIN, subprocess_env, tiny_params_dict, write_par
 from raw_fixtures import VOC_TRAIN, make_voc
 from typer.testing import CliRunner
 
-from pipeline.config import load_params
+from pipeline.config import SECTIONS, load_params
 from stages.cli import app
 
 CONFIGS = REPO / "configs"
 STAGES = ("prepare", "train_cls", "cams", "train_aff", "refine", "train_seg", "evaluate")
 
 
-@pytest.mark.parametrize("name", ["voc_paper.yaml", "coco_paper.yaml"])
+PAPER_CONFIGS = ["voc_paper.yaml", "coco_paper.yaml"]
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_name_every_section(name):
+    # complete files: no section silently falls back to the synthetic defaults (which would also fail to load)
+    raw = yaml.safe_load((CONFIGS / name).read_text())
+    assert tuple(raw) == SECTIONS
+    assert isinstance(raw["seed"], int)
+    for section in SECTIONS[1:]:
+        assert isinstance(raw[section], dict) and raw[section], f"{name}: section '{section}' is empty"
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_configs_validate(name):
     params = load_params(CONFIGS / name)
     assert params.model.backbone == "swin_tiny_patch4_window7_224"
@@ -34,6 +47,19 @@ def test_paper_configs_validate(name):
 def test_voc_paper_schedule():
     params = load_params(CONFIGS / "voc_paper.yaml")
     assert params.train_cls.epochs == 30 and params.data.root == "data/raw/voc"
+
+
+def test_coco_paper_later_stages_follow_the_voc_recipe():
+    voc, coco = load_params(CONFIGS / "voc_paper.yaml"), load_params(CONFIGS / "coco_paper.yaml")
+    assert coco.data.root == "data/raw/coco"
+    assert coco.train_aff.model == voc.train_aff.model and coco.train_aff.radius == voc.train_aff.radius
+    assert coco.refine.method == voc.refine.method == "psa_crf" and coco.refine.crf == voc.refine.crf
+    for key in ("arch", "encoder", "encoder_weights", "optimizer", "lr", "schedule", "crop_size"):
+        assert getattr(coco.train_seg, key) == getattr(voc.train_seg, key), key
+    assert coco.train_seg.split == "train" and coco.evaluate.split == "val"
+    assert coco.evaluate.scales == voc.evaluate.scales and coco.evaluate.use_crf
+    # about 100k DeepLab iterations over COCO train (82,081 images)
+    assert 90_000 <= coco.train_seg.epochs * (82_081 // coco.train_seg.batch_size) <= 110_000
 
 
 def test_dvc_dag_never_downloads():
@@ -51,6 +77,7 @@ def voc_params(raw: Path, **overrides) -> dict:
     return raw_params
 
 
+@pytest.mark.slow  # dvc subprocesses
 def test_dvc_repro_dry_lists_the_full_dag_on_voc(tmp_path):
     project = tmp_path / "project"
     project.mkdir()

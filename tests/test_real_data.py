@@ -166,6 +166,7 @@ def test_voc_missing_mask_of_a_listed_image(voc_root, tmp_path):
         prepare_voc_at(voc_root, tmp_path / "prepared")
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_prepare_cli_exit_2_on_a_broken_raw_layout(voc_root, tmp_path):
     shutil.rmtree(voc_dir(voc_root) / "JPEGImages")
     params = write_params(tmp_path / "params.yaml", tiny_params_dict(data={"dataset": "voc", "root": str(voc_root)}))

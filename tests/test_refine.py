@@ -195,11 +195,27 @@ def test_walk_spreads_a_seed_across_its_region_only():
     assert random_walk(seeds, t, steps=1)[0, 2].item() == 0, "one step reaches only the direct neighbour"
 
 
-def test_walk_seed_scores_pools_and_upsamples_to_the_image():
+def test_walk_seed_scores_keeps_constant_scores_constant():
+    # H, W divisible by the stride: pooling gives a constant grid, the column-stochastic walk keeps it constant
+    # (each step is a weighted mean), and bilinear upsampling of a constant is that constant
+    torch.manual_seed(0)
     offsets = radius_offsets(2)
-    scores = torch.rand(2, 10, 13)
-    out = walk_seed_scores(scores, torch.ones(len(offsets), 3, 4), offsets, stride=4, beta=1, steps=4)
+    scores = torch.tensor([0.2, 0.7, 1.5]).view(3, 1, 1).expand(3, 12, 16)
+    affinity = torch.rand(len(offsets), 3, 4)
+    out = walk_seed_scores(scores, affinity, offsets, stride=4, beta=2, steps=8)
+    assert out.shape == (3, 12, 16) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), scores.numpy(), rtol=1e-5)
+
+
+def test_walk_seed_scores_pools_and_upsamples_to_the_image():
+    # H, W not divisible by the stride: zero padding to the grid, cropped back to (H, W)
+    offsets = radius_offsets(2)
+    scores = torch.full((2, 10, 13), 0.5)
+    out = walk_seed_scores(scores, torch.zeros(len(offsets), 3, 4), offsets, stride=4, beta=1, steps=4)
     assert out.shape == (2, 10, 13)
+    # no affinity: the walk is the identity; the top-left 2 x 2 cells have no padding, so stay 0.5 inside
+    np.testing.assert_allclose(out[:, :6, :10].numpy(), 0.5, rtol=1e-5)
+    assert out[:, -1, -1].max() < 0.5, "the last cell holds padding zeros"
 
 
 # --- AffinityNet ------------------------------------------------------------------------------------------------
@@ -298,12 +314,13 @@ def test_config_errors(model, bad):
 
 def test_config_error_in_a_params_file_is_one_line(tmp_path):
     import yaml
+    from conftest import default_params_dict
 
     from pipeline.config import load_params
     from pipeline.errors import ConfigError
 
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"refine": {"ignore_band": [0.5, 0.6]}}))
+    path.write_text(yaml.safe_dump(default_params_dict(refine={"ignore_band": [0.5, 0.6]})))
     with pytest.raises(ConfigError) as info:
         load_params(path)
     message = str(info.value)

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from pipeline.config import Params
 from pipeline.prepare import prepare
 
+pytestmark = pytest.mark.slow  # trains in a subprocess, kills it and resumes
+
 EPOCHS = 3
 # 96 images in batches of 8: 12 steps per epoch, long enough (about a second) that polling every 20 ms sees
 # the epoch-1 checkpoint well before the epoch-2 one replaces it

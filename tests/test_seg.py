@@ -13,6 +13,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
+from conftest import default_params_dict
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import save_file
@@ -242,7 +243,7 @@ def test_same_size_batches_split_on_size_and_count():
 )
 def test_seg_params_are_validated(section, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        parse_params({section: value})
+        parse_params(default_params_dict(**{section: value}))
 
 
 def test_hub_probe_follows_the_endpoint(monkeypatch):

@@ -15,6 +15,8 @@ from pipeline.io import save_label_png
 from pipeline.prepare import prepare
 from pipeline.training import warmup_decay
 
+pytestmark = pytest.mark.slow  # torchrun with two processes
+
 # 8 images, a global batch of 4 (2 per process), 1 epoch: two optimiser steps
 DDP = {
     "data": {"synthetic": {"num_train": 8, "num_val": 4}},

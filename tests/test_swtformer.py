@@ -5,8 +5,9 @@ import torch
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
-from pipeline.config import ModelParams, SwinParams
+from pipeline.config import LossParams, ModelParams, SwinParams
 from pipeline.errors import PretrainedError
+from pipeline.losses import swtformer_loss
 from pipeline.models.backbone import build_backbone
 from pipeline.models.swtformer import (
     HierarchicalFeatureFusion,
@@ -279,14 +280,21 @@ def test_v2_cam_seed_locating_is_the_argmax_of_cam_with_background():
         model.maps(feats, mask, seed_locating="other")
 
 
-def test_v1_forward_shapes():
+def test_v1_forward_shapes_and_values():
     model = tiny_model("v1")
     assert model.hff is None
+    x = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
-        out = model(torch.randn(2, 3, IMG, IMG))
+        out = model(x)
+        logit_map = model.cam_head(model.backbone(x)[-1])  # (B, C, h, w): the CAM head on the last stage
     assert set(out) == {"logits", "cam"}
     assert out["logits"].shape == (2, NUM_CLASSES)
     assert out["cam"].shape == (2, NUM_CLASSES, 2, 2)
+    # logits = global average of the logit map; cam = ReLU(logit map) / (its spatial max + 1e-5)
+    assert_close(out["logits"], logit_map.mean(dim=(2, 3)))
+    positive = logit_map.clamp_min(0)
+    assert_close(out["cam"], positive / (positive.amax(dim=(2, 3), keepdim=True) + 1e-5))
+    assert (out["cam"] == 0).any() and (logit_map < 0).any(), "the ReLU is exercised"
 
 
 def test_classify_equals_logits():
@@ -303,8 +311,54 @@ def test_v2_without_label_mask_raises():
 
 
 def test_new_modules():
-    assert len(tiny_model("v2").new_modules()) == 2
-    assert len(tiny_model("v1").new_modules()) == 1
+    v2, v1 = tiny_model("v2"), tiny_model("v1")
+    assert [id(m) for m in v2.new_modules()] == [id(v2.cam_head), id(v2.hff)]
+    assert [id(m) for m in v1.new_modules()] == [id(v1.cam_head)]
+    assert not any(m is v2.backbone for m in v2.new_modules())
+
+
+# --- gradients: every parameter trains (DDP's find_unused_parameters in train_cls relies on it) ----------------
+
+
+def training_step_model(version: str = "v2", **loss: bool) -> torch.nn.Module:
+    """A tiny SWTformer after one backward of the training loss (``swtformer_loss``) on a random batch.
+
+    ``loss`` switches terms of the ``loss`` section (default: GSC and CCL on). The model and the loss are built
+    here only, so that a change of their signatures touches this helper alone.
+    """
+    torch.manual_seed(0)
+    model = build_model(NUM_CLASSES, IMG, **tiny_params(version=version).model_dump()).train()
+    images = torch.randn(2, 3, IMG, IMG)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    valid = torch.ones(2, 1, IMG, IMG)
+    mask = torch.cat([valid, valid * labels[:, :, None, None]], dim=1)  # (B, K, H, W): background + classes
+    out = model(images, mask)
+    swtformer_loss(out, labels, mask, **LossParams(**loss).model_dump())["total"].backward()
+    return model
+
+
+def test_every_v2_parameter_gets_a_finite_gradient_from_the_training_loss():
+    assert LossParams().gsc and LossParams().ccl, "the default losses"
+    model = training_step_model("v2")
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without a gradient: {missing}"
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name}: an all-zero gradient"
+    assert {name.split(".")[0] for name, _ in model.named_parameters()} == {"backbone", "cam_head", "hff"}
+
+
+@pytest.mark.parametrize(
+    ("version", "gsc", "ccl"),
+    [("v1", True, True), ("v2", True, False), ("v2", False, True), ("v2", False, False)],
+)
+def test_only_hff_is_unused_and_only_without_gsc_and_ccl(version, gsc, ccl):
+    # train_cls: find_unused_parameters = (version == "v2" and not (gsc or ccl)); this is that rule
+    model = training_step_model(version, gsc=gsc, ccl=ccl)
+    unused = {name for name, p in model.named_parameters() if p.grad is None}
+    expected = {name for name, _ in model.named_parameters() if name.startswith("hff.")}
+    assert unused == (expected if version == "v2" and not (gsc or ccl) else set())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_pretrained_missing_file(tmp_path):
