@@ -484,15 +484,6 @@ class StageParams:
         )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def as_dict(self) -> dict[str, Any]:
-        """The declared sections as plain data (for logging)."""
-        return {
-            name: getattr(self._params, name)
-            if not isinstance(getattr(self._params, name), BaseModel)
-            else getattr(self._params, name).model_dump(mode="json")
-            for name in self.sections
-        }
-
 
 def load_sections(path: Path | str, sections: tuple[str, ...]) -> StageParams:
     """Validate the whole params file and return only the sections a stage declared.

@@ -18,7 +18,7 @@ from stages.cli import STAGES
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGE_NAMES = sorted(DVC["stages"])
 # attributes of StageParams that are not sections
-STAGE_PARAMS_API = {"digest", "as_dict", "sections"}
+STAGE_PARAMS_API = {"digest", "sections"}
 
 
 def declared(name: str) -> set[str]:
