@@ -19,7 +19,7 @@ from pipeline.config import StageParams, TrainSegParams
 from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.data.seg_datasets import SegmentationTrainSet, labels_fingerprint
-from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
+from pipeline.metrics import confusion_matrix, iou_report, mean_iou
 from pipeline.models.deeplab import Segmenter, build_segmenter, predict_probs, save_segmenter, segmentation_loss
 
 
@@ -121,8 +121,7 @@ def train_segmenter(
         if not (last or (cfg.val_every and (epoch + 1) % cfg.val_every == 0)):
             return {}
         confusion = split_confusion(model, data, "val", mean, std, run.device, cfg.amp)
-        ious = zip(data.class_names, iou_per_class(confusion), strict=True) if last else ()
-        return {"val/miou": mean_iou(confusion), **{f"val/iou/{name}": float(iou) for name, iou in ious}}
+        return iou_report(confusion, data.class_names, "val") if last else {"val/miou": mean_iou(confusion)}
 
     task = training.Task(
         "train_seg",
