@@ -2,9 +2,12 @@
 
 Every section of ``params.yaml`` has a pydantic model here with ``extra="forbid"``, so an unknown key, a wrong
 type or an out-of-range value stops the run before any work with a :class:`ConfigError` naming the file, the
-dotted key, the bad value and what is allowed. Every top-level section must be present (a file missing one is
-refused, naming it); inside a section, a key left out takes its default. A stage asks only for the sections its
-``dvc.yaml`` entry declares (:func:`load_sections`); the other sections are validated but not handed out.
+dotted key, the bad value and what is allowed. Types are strict (a number is never read from a string or a bool;
+an integer is accepted where a float is expected), every float is finite, a list that needs items has at least
+one, and a key written twice in one mapping is refused. Every top-level section must be present (a file missing
+one is refused, naming it); inside a section, a key left out takes its default. A stage asks only for the
+sections its ``dvc.yaml`` entry declares (:func:`load_sections`); the other sections are validated but not
+handed out.
 
 Keys shared by several sections are declared once in mixins whose keys sit directly in the section:
 :class:`Runtime` / :class:`AmpRuntime` (``device``, ``threads``, ``amp``) and :class:`Schedule` (the optimiser
@@ -15,13 +18,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
+
+FROM_LIST = Field(strict=False)
+"""Lets a tuple field take the list YAML gives; its items stay strict (the model's ``strict=True`` applies to them)."""
+SEED_LIMIT = 2**32
+"""Seeds are below this: NumPy's legacy seeding accepts no more (torch takes 64 bits)."""
+MIN_SWEEP_STEP = 1e-3
+"""The finest threshold step of the seed sweep: at most 1,001 thresholds, one confusion matrix each."""
+
+
+def _exact_int(value: Any) -> Any:
+    """Refuse a bool or a float where an integer choice is expected (``Literal[8, 16]`` alone takes ``8.0``)."""
+    if type(value) is not int:
+        raise ValueError("Input should be an integer")
+    return value
+
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -32,9 +51,9 @@ MinLrRatio = Annotated[float, Field(ge=0, le=1)]
 
 
 class Section(BaseModel):
-    """Base of every params section: unknown keys are errors, values are immutable."""
+    """Base of every params section: unknown keys are errors, values are immutable, types strict, floats finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -117,8 +136,8 @@ class DataParams(Section):
     dataset: Literal["synthetic", "voc", "coco"] = "synthetic"
     root: str = "data/raw"
     synthetic: SyntheticParams = SyntheticParams()
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.229, 0.224, 0.225)
+    mean: Annotated[tuple[float, float, float], FROM_LIST] = (0.485, 0.456, 0.406)
+    std: Annotated[tuple[PositiveFloat, PositiveFloat, PositiveFloat], FROM_LIST] = (0.229, 0.224, 0.225)
 
 
 class SwinParams(Section):
@@ -126,9 +145,9 @@ class SwinParams(Section):
 
     patch_size: Annotated[int, Field(ge=1, le=16)] = 2
     embed_dim: PositiveInt = 16
-    depths: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (1, 1, 2, 2)
-    num_heads: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (1, 2, 4, 8)
-    window_size: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (4, 4, 4, 3)
+    depths: Annotated[tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt], FROM_LIST] = (1, 1, 2, 2)
+    num_heads: Annotated[tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt], FROM_LIST] = (1, 2, 4, 8)
+    window_size: Annotated[tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt], FROM_LIST] = (4, 4, 4, 3)
     mlp_ratio: PositiveFloat = 2.0
     conv_stem: bool = True
 
@@ -142,8 +161,8 @@ class ModelParams(Section):
     pretrained: str = "none"
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
     final_norm: bool = True
-    head_kernel: Literal[1, 3] = 3
-    hff_dims: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (32, 32, 64, 64)
+    head_kernel: Annotated[Literal[1, 3], BeforeValidator(_exact_int)] = 3
+    hff_dims: Annotated[tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt], FROM_LIST] = (32, 32, 64, 64)
     detach_hff_inputs: bool = True
     bg_iou_scale: Annotated[float, Field(gt=0, le=1)] = 0.5
 
@@ -158,7 +177,7 @@ class TrainClsParams(Schedule, AmpRuntime):
     min_lr_ratio: MinLrRatio = 0.01
     grad_clip: Annotated[float, Field(ge=0)] = 1.0
     crop_size: Annotated[int, Field(ge=16)] = 96
-    resize_long: tuple[PositiveInt, PositiveInt] = (80, 112)
+    resize_long: Annotated[tuple[PositiveInt, PositiveInt], FROM_LIST] = (80, 112)
     flip: bool = True
     color_jitter: Annotated[float, Field(ge=0, le=1)] = 0.0
     num_workers: Annotated[int, Field(ge=0)] = 0
@@ -186,7 +205,7 @@ class SweepParams(Section):
     """The constant-background sweep of seed evaluation protocol (b)."""
 
     max: Annotated[float, Field(ge=0, le=1)] = 0.60
-    step: Annotated[float, Field(gt=0, le=1)] = 0.01
+    step: Annotated[float, Field(ge=MIN_SWEEP_STEP, le=1)] = 0.01
 
 
 SeedLocating = Literal["structure", "cam"]
@@ -202,7 +221,7 @@ class CamsParams(Runtime):
     """
 
     split: Literal["train", "train_aug", "val"] = "train"
-    scales: tuple[PositiveFloat, ...] = (1.0, 0.5, 1.5, 2.0)
+    scales: Annotated[tuple[PositiveFloat, ...], FROM_LIST, Field(min_length=1)] = (1.0, 0.5, 1.5, 2.0)
     flip: bool = True
     seed_locating: SeedLocating = "cam"
     shard_size: PositiveInt = 500
@@ -258,8 +277,8 @@ class AffinityNetParams(Section):
     """The AffinityNet: a timm ``features_only`` backbone, its feature levels and the embedding widths."""
 
     backbone: str = "regnetx_002"
-    out_indices: tuple[Annotated[int, Field(ge=0, le=5)], ...] = (1, 2)
-    projection_dims: tuple[PositiveInt, ...] = (32, 64)
+    out_indices: Annotated[tuple[Annotated[int, Field(ge=0, le=5)], ...], FROM_LIST] = (1, 2)
+    projection_dims: Annotated[tuple[PositiveInt, ...], FROM_LIST] = (32, 64)
     feature_dim: PositiveInt = 64
     pretrained: str = "none"
 
@@ -300,7 +319,7 @@ class RefineParams(Section):
     method: Literal["none", "crf", "psa", "psa_crf"] = "crf"
     seed_map: SeedMapName = "auto"
     bg_threshold: Probability | None = None
-    ignore_band: tuple[Probability, Probability] | None = None
+    ignore_band: Annotated[tuple[Probability, Probability], FROM_LIST] | None = None
     crf: CrfParams = CrfParams()
     psa: PsaParams = PsaParams()
     workers: Annotated[int, Field(ge=0)] = 0
@@ -321,7 +340,7 @@ class TrainSegParams(Schedule, AmpRuntime):
     arch: Literal["deeplabv3plus", "deeplabv3"] = "deeplabv3plus"
     encoder: str = "tu-mobilenetv3_small_050"
     encoder_weights: str = "none"
-    output_stride: Literal[8, 16] = 16
+    output_stride: Annotated[Literal[8, 16], BeforeValidator(_exact_int)] = 16
     decoder_channels: PositiveInt = 32
     split: Literal["train", "train_aug"] = "train"
     epochs: PositiveInt = 8
@@ -332,7 +351,7 @@ class TrainSegParams(Schedule, AmpRuntime):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     grad_clip: Annotated[float, Field(ge=0)] = 0.0
     crop_size: Annotated[int, Field(ge=16)] = 96
-    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 2.0)
+    scale_range: Annotated[tuple[PositiveFloat, PositiveFloat], FROM_LIST] = (0.5, 2.0)
     flip: bool = True
     val_every: Annotated[int, Field(ge=0)] = 1
     num_workers: Annotated[int, Field(ge=0)] = 0
@@ -353,7 +372,7 @@ class EvaluateParams(AmpRuntime):
     """
 
     split: Literal["val", "train"] = "val"
-    scales: tuple[PositiveFloat, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    scales: Annotated[tuple[PositiveFloat, ...], FROM_LIST, Field(min_length=1)] = (0.5, 0.75, 1.0, 1.25, 1.5)
     flip: bool = True
     batch_size: PositiveInt = 8
     gallery_size: Annotated[int, Field(ge=0, le=64)] = 16
@@ -371,7 +390,7 @@ class Params(Section):
     a file written for a few stages cannot silently run the others on defaults.
     """
 
-    seed: Annotated[int, Field(ge=0)]
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
     data: DataParams
     model: ModelParams
     train_cls: TrainClsParams
@@ -437,6 +456,56 @@ def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
         raise ConfigError(_format_error(path, exc.errors())) from None
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key written twice in one YAML mapping (``yaml.safe_load`` would silently keep the last value)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark) -> None:
+        super().__init__(f"key {key!r} appears twice in one mapping (lines {first.line + 1} and {second.line + 1})")
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and reads ``1e-3`` as a float, as YAML 1.2 and DVC do.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-3``) and ``1e-3`` is a string; the strict models
+    would then refuse ``lr: 1e-3``.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """Build a mapping after checking that no key is written twice (merge keys ``<<`` may override)."""
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                continue
+            if key in seen:
+                raise DuplicateKeyError(key, seen[key], key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a params file with :class:`ParamsLoader`.
+
+    Raises:
+        ConfigError: If the file is not YAML or writes a key twice in one mapping.
+    """
+    try:
+        return yaml.load(path.read_text(), Loader=ParamsLoader)  # a SafeLoader subclass: no arbitrary objects
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}; keep one") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate a whole params file.
 
@@ -452,11 +521,7 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_params(raw, path)
+    return parse_params(read_yaml(path), path)
 
 
 class StageParams:

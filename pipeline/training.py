@@ -3,8 +3,9 @@
 Every trainer (``train_cls``, ``train_aff``, ``train_seg``) builds its data, model, optimiser and loss step, and
 hands them to :func:`fit` as a :class:`Task`. :func:`fit` owns the rest: the learning-rate schedule, mixed
 precision (scaler), gradient clipping, the non-finite-loss guard, DDP, per-epoch records logged with dvclive,
-the resumable checkpoint (a re-run with the same configuration resumes; another configuration starts fresh
-with a warning; the checkpoint is deleted once training completes) and the final save.
+the non-finite-weight guard before every save, the resumable checkpoint (a re-run with the same configuration
+resumes; another configuration starts fresh with a warning; the checkpoint is deleted once training completes)
+and the final save.
 """
 
 from __future__ import annotations
@@ -80,6 +81,35 @@ def check_finite(value: torch.Tensor, step: int, name: str = "loss") -> None:
     """
     if not torch.isfinite(value).all():
         raise TrainingError(f"{name} became {value.item()} at step {step}; stopping (try a lower learning rate)")
+
+
+def check_weights(model: nn.Module, name: str, epoch: int) -> None:
+    """Stop when a parameter or floating-point buffer of ``model`` holds a NaN or an infinity.
+
+    Run before every save: a loss can be finite while the update it drives makes a weight non-finite (a huge
+    learning rate on the last step), and such a model must never be written. One host sync for the whole model.
+
+    Args:
+        model: The module about to be checkpointed or saved.
+        name: The trainer's params section (for the message).
+        epoch: The number of finished epochs (1-based, for the message).
+
+    Raises:
+        TrainingError: Naming the first non-finite tensor and the epoch.
+    """
+    buffers = ((key, b) for key, b in model.named_buffers() if b.is_floating_point() or b.is_complex())
+    tensors = [*model.named_parameters(), *buffers]
+    if not tensors:
+        return
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).tolist()
+    for (key, tensor), ok in zip(tensors, finite, strict=True):
+        if not ok:
+            what = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+            raise TrainingError(
+                f"{name}: weight '{key}' became {what} in epoch {epoch}; stopping without saving it "
+                "(try a lower learning rate)"
+            )
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -306,7 +336,8 @@ def fit(task: Task, recipe: Recipe, run: Run, results_dir: Path, checkpoint: Pat
         The per-epoch records (empty on processes other than the main one).
 
     Raises:
-        TrainingError: On a non-finite loss, or a batch larger than the training set.
+        TrainingError: On a non-finite loss or weight (nothing non-finite is ever saved), or a batch larger than
+            the training set.
     """
     check_batch(task.name, recipe.batch_size, len(task.trainset))
     steps = len(task.trainset) // recipe.batch_size
@@ -320,12 +351,14 @@ def fit(task: Task, recipe: Recipe, run: Run, results_dir: Path, checkpoint: Pat
     task.model.train()
     for epoch in range(start, recipe.epochs):
         record = _train_epoch(task, recipe, run, net, trainables, epoch, epoch * steps)
+        check_weights(task.model, task.name, epoch + 1)  # on every rank: DDP replicas hold the same weights
         if run.dist.is_main:
             record.update(task.validate(epoch) if task.validate is not None else {})
             history.append(record)
             log_epoch(live, record)
             log.info("%s epoch %d/%d: %s", task.name, epoch + 1, recipe.epochs, _describe(record))
             save_progress(checkpoint, digest, trainables, epoch + 1, history, step=(epoch + 1) * steps)
+    check_weights(task.model, task.name, recipe.epochs)
     if run.dist.is_main:
         task.save(task.model)
         live.end()

@@ -62,6 +62,9 @@ BAD_PARAMS = {
     "wrong_type": ({"train_cls": {"epochs": "many"}}, "train_cls.epochs"),
     "out_of_range": ({"cams": {"shard_size": 0}}, "cams.shard_size"),
     "nested_out_of_range": ({"data": {"synthetic": {"image_size": 8}}}, "data.synthetic.image_size"),
+    "quoted_number": ({"train_cls": {"epochs": "2"}}, "train_cls.epochs"),
+    "infinite_lr": ({"train_cls": {"lr": float("inf")}}, "train_cls.lr"),
+    "empty_scales": ({"cams": {"scales": []}}, "cams.scales"),
 }
 
 
@@ -96,6 +99,18 @@ def test_params_file_without_a_section_exits_2_with_one_line(tmp_path, section):
     assert lines == [f"error: {params}: section '{section}' is missing (every params file needs: {needs})"]
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_duplicate_params_key_exits_2_with_one_line(tmp_path):
+    text = yaml.safe_dump(tiny_params_dict(), sort_keys=False)
+    params = tmp_path / "dup.yaml"
+    params.write_text(text.replace("seed: 0\n", "seed: 0\nseed: 1\n", 1))
+    result = invoke("prepare", "--params", params, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert error_lines(result.stderr) == [
+        f"error: {params}: key 'seed' appears twice in one mapping (lines 1 and 2); keep one"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_params_file(tmp_path):

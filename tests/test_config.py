@@ -255,3 +255,94 @@ def test_warmup_shorter_than_training_in_every_training_section(tmp_path, sectio
 def test_shared_keys_are_validated_in_place(tmp_path, section, key, value):
     message = config_error(write_full(tmp_path, **{section: {key: value}}))
     assert f"{section}.{key} = " in message
+
+
+# --- strict types, finite numbers, non-empty lists, bounds, duplicate keys ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"train_cls": {"epochs": "2"}}, "train_cls.epochs"),
+        ({"train_cls": {"epochs": True}}, "train_cls.epochs"),
+        ({"train_cls": {"lr": "0.1"}}, "train_cls.lr"),
+        ({"train_cls": {"lr": True}}, "train_cls.lr"),
+        ({"seed": "3"}, "seed"),
+        ({"model": {"hff_dims": ["4", 4, 8, 8]}}, "model.hff_dims.0"),
+        ({"data": {"mean": [0.5, False, 0.5]}}, "data.mean.1"),
+        ({"train_cls": {"resize_long": [80.0, 112]}}, "train_cls.resize_long.0"),
+        ({"model": {"head_kernel": True}}, "model.head_kernel"),
+        ({"train_seg": {"output_stride": 8.0}}, "train_seg.output_stride"),
+        ({"train_cls": {"amp": 1}}, "train_cls.amp"),
+    ],
+)
+def test_no_string_or_bool_where_a_number_is_expected(tmp_path, overrides, key):
+    path = write_full(tmp_path, **overrides)
+    message = config_error(path)
+    assert message.startswith(f"{path}: {key} = "), message
+    assert "is invalid: Input should be a valid" in message or "is invalid: Input should be an integer" in message
+
+
+def test_an_integer_is_a_float_and_1e_3_is_a_number(tmp_path):
+    params = load_params(write_full(tmp_path, train_cls={"lr": 1}, data={"mean": [0, 0, 1]}))
+    assert params.train_cls.lr == 1.0 and isinstance(params.train_cls.lr, float)
+    assert params.data.mean == (0.0, 0.0, 1.0)
+    path = tmp_path / "exp.yaml"  # PyYAML (YAML 1.1) reads 1e-3 as a string; DVC (YAML 1.2) as a float
+    path.write_text(yaml.safe_dump(default_params_dict()).replace("lr: 0.001\n", "lr: 1e-3\n", 1))
+    assert "lr: 1e-3" in path.read_text()
+    assert load_params(path).train_cls.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"train_cls": {"lr": float("inf")}}, "train_cls.lr"),
+        ({"train_seg": {"head_lr_mult": float("inf")}}, "train_seg.head_lr_mult"),
+        ({"train_aff": {"weight_decay": float("inf")}}, "train_aff.weight_decay"),
+        ({"data": {"mean": [0.5, float("nan"), 0.5]}}, "data.mean.1"),
+        ({"data": {"mean": [float("-inf"), 0.5, 0.5]}}, "data.mean.0"),
+        ({"data": {"std": [0.2, 0.2, float("inf")]}}, "data.std.2"),
+        ({"data": {"synthetic": {"noise_std": float("inf")}}}, "data.synthetic.noise_std"),
+        ({"loss": {"ccl_weight": float("inf")}}, "loss.ccl_weight"),
+        ({"cams": {"scales": [1.0, float("inf")]}}, "cams.scales.1"),
+        ({"train_cls": {"grad_clip": float("inf")}}, "train_cls.grad_clip"),
+        ({"refine": {"crf": {"bilateral_sxy": float("inf")}}}, "refine.crf.bilateral_sxy"),
+        ({"train_aff": {"labels": {"bg_alpha": float("inf")}}}, "train_aff.labels.bg_alpha"),
+    ],
+)
+def test_every_float_is_finite(tmp_path, overrides, key):
+    path = write_full(tmp_path, **overrides)
+    message = config_error(path)
+    assert message.startswith(f"{path}: {key} = ") and message.endswith("is invalid: Input should be a finite number")
+
+
+@pytest.mark.parametrize("section", ["cams", "evaluate"])
+def test_scales_must_not_be_empty(tmp_path, section):
+    path = write_full(tmp_path, **{section: {"scales": []}})
+    message = config_error(path)
+    assert message.startswith(f"{path}: {section}.scales = [] is invalid: ") and "at least 1 item" in message
+
+
+def test_sweep_step_has_a_floor(tmp_path):
+    message = config_error(write_full(tmp_path, cams={"sweep": {"step": 1e-9}}))  # was a 4.5 GiB allocation
+    assert "cams.sweep.step = 1e-09 is invalid: Input should be greater than or equal to 0.001" in message
+    assert load_params(write_full(tmp_path, "ok.yaml", cams={"sweep": {"step": 0.001}})).cams.sweep.step == 0.001
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**64, -1])
+def test_seed_fits_numpy_and_torch_seeding(tmp_path, seed):
+    message = config_error(write_full(tmp_path, seed=seed))
+    assert f"seed = {seed} is invalid: " in message
+    assert load_params(write_full(tmp_path, "ok.yaml", seed=2**32 - 1)).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize(("where", "key"), [("", "seed"), ("  ", "epochs")])
+def test_duplicate_keys_are_refused(tmp_path, where, key):
+    text = yaml.safe_dump(default_params_dict(), sort_keys=False)
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith(f"{where}{key}:"))
+    lines.insert(first + 1, f"{where}{key}: 5")  # yaml.safe_load would silently keep this one
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    message = config_error(path)
+    assert message == f"{path}: key '{key}' appears twice in one mapping (lines {first + 1} and {first + 2}); keep one"

@@ -7,8 +7,13 @@ from torch import nn
 from pipeline.errors import TrainingError
 from pipeline.runtime import Dist, resolve_device
 from pipeline.training import (
+    Recipe,
+    Run,
+    Task,
     check_finite,
+    check_weights,
     epoch_indices,
+    fit,
     load_checkpoint,
     param_groups,
     rng_state,
@@ -178,3 +183,69 @@ def test_resolve_device_cpu():
         assert resolve_device("auto").type == "cpu"
         with pytest.raises(TrainingError, match="cuda"):
             resolve_device("cuda")
+
+
+def test_check_weights_names_the_first_non_finite_tensor():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    check_weights(model, "train_cls", epoch=1)
+    with torch.no_grad():
+        model[1].running_var[0] = float("nan")
+    with pytest.raises(TrainingError, match=r"^train_cls: weight '1.running_var' became NaN in epoch 3;"):
+        check_weights(model, "train_cls", epoch=3)
+    with torch.no_grad():
+        model[0].bias[1] = float("-inf")
+    with pytest.raises(TrainingError, match=r"weight '0.bias' became infinite in epoch 2"):
+        check_weights(model, "train_seg", epoch=2)
+
+
+class OneWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w * x).sum()
+
+
+class Ones(torch.utils.data.Dataset):
+    epoch = 0
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.full((1,), 10.0)
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_fit_never_saves_non_finite_weights(tmp_path, epochs):
+    # the loss (10 w = 10) is finite, the update w -= 1e38 * 10 is not: a divergence on the last step of an epoch that
+    # the loss guard cannot see, was saved as the model (1 epoch) or as the checkpoint (2 epochs)
+    model = OneWeight()
+    saved = []
+    task = Task(
+        name="train_cls",
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1e38),
+        trainset=Ones(),
+        step=lambda net, batch: (net(batch), {}),
+        save=saved.append,
+    )
+    recipe = Recipe(epochs=epochs, batch_size=1, warmup_epochs=0.0, schedule="poly", min_lr_ratio=0.0, amp=False)
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(TrainingError, match=r"^train_cls: weight 'w' became infinite in epoch 1;"):
+        fit(task, recipe, Run(torch.device("cpu"), Dist(), 0), tmp_path / "results", checkpoint, "digest")
+    assert saved == [], "no model of non-finite weights is saved"
+    assert not checkpoint.exists(), "no checkpoint of non-finite weights is written"
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".pt" or p.name.startswith(".")] == []
+
+
+def test_fit_saves_finite_weights(tmp_path):
+    model = OneWeight()
+    saved = []
+    task = Task(
+        "train_cls", model, torch.optim.SGD(model.parameters(), lr=0.1), Ones(), lambda n, b: (n(b), {}), saved.append
+    )
+    recipe = Recipe(epochs=2, batch_size=1, warmup_epochs=0.0, schedule="poly", min_lr_ratio=0.0, amp=False)
+    fit(task, recipe, Run(torch.device("cpu"), Dist(), 0), tmp_path / "results", tmp_path / "ckpt.pt", "digest")
+    assert saved == [model] and torch.isfinite(model.w).all() and not (tmp_path / "ckpt.pt").exists()
