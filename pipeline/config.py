@@ -496,10 +496,12 @@ def read_yaml(path: Path) -> Any:
     """Parse a params file with :class:`ParamsLoader`.
 
     Raises:
-        ConfigError: If the file is not YAML or writes a key twice in one mapping.
+        ConfigError: If the file is not UTF-8 text, not YAML, or writes a key twice in one mapping.
     """
     try:
-        return yaml.load(path.read_text(), Loader=ParamsLoader)  # a SafeLoader subclass: no arbitrary objects
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)  # SafeLoader: no arbitrary objects
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the params file as UTF-8") from None
     except DuplicateKeyError as exc:
         raise ConfigError(f"{path}: {exc}; keep one") from None
     except yaml.YAMLError as exc:

@@ -346,3 +346,11 @@ def test_duplicate_keys_are_refused(tmp_path, where, key):
     path.write_text("\n".join(lines) + "\n")
     message = config_error(path)
     assert message == f"{path}: key '{key}' appears twice in one mapping (lines {first + 1} and {first + 2}); keep one"
+
+
+def test_a_params_file_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"seed: 0\n# caf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match=r"params.yaml: not UTF-8 text \(byte 13\)") as info:
+        load_params(path)
+    assert "\n" not in str(info.value)
