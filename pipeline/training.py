@@ -1,4 +1,4 @@
-"""The one training loop (:func:`fit`) and its pieces: schedules, parameter groups, checkpoints, resume.
+"""The one training loop (:func:`fit`) and its pieces: set-up, schedules, parameter groups, guards, batches.
 
 Every trainer (``train_cls``, ``train_aff``, ``train_seg``) builds its data, model, optimiser and loss step, and
 hands them to :func:`fit` as a :class:`Task`. :func:`fit` owns the rest: the learning-rate schedule, mixed
@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import runtime
+from pipeline.checkpoint import Trainables, resume, save_progress
 from pipeline.errors import TrainingError
-from pipeline.io import atomic_path
 from pipeline.live import open_live
 from pipeline.runtime import Dist
 
@@ -112,19 +112,6 @@ def check_weights(model: nn.Module, name: str, epoch: int) -> None:
             )
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically (tensors, numbers, strings and containers of them only)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """Load a checkpoint with ``weights_only=True``; ``None`` if there is none."""
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def warmup_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -132,71 +119,6 @@ def warmup_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_decay(step, total_steps, warmup_steps, schedule, min_ratio)
     )
-
-
-@dataclass
-class Trainables:
-    """What a resumable training loop checkpoints together with the RNG states."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-
-    def state_dict(self) -> dict[str, Any]:
-        """The four state dicts, keyed by attribute name."""
-        return {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler", "scaler")}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        for name in ("model", "optimizer", "scheduler", "scaler"):
-            getattr(self, name).load_state_dict(state[name])
-
-
-def resume(path: Path, digest: str, trainables: Trainables) -> dict[str, Any] | None:
-    """Restore training from ``path`` if it holds a checkpoint of the same configuration.
-
-    Args:
-        path: The checkpoint written by :func:`save_progress`.
-        digest: Hash of everything the run depends on; a checkpoint with another one is ignored (with a warning).
-        trainables: Restored in place, together with the RNG states.
-
-    Returns:
-        The checkpoint (``epoch``, ``history`` and any extras), or ``None`` when training starts fresh.
-    """
-    state = load_checkpoint(path)
-    if state is None:
-        return None
-    if state["config_digest"] != digest:
-        log.warning("checkpoint %s was made with another configuration; starting fresh", path)
-        return None
-    trainables.load_state_dict(state)
-    set_rng_state(state["rng"])
-    log.info("resuming from %s at epoch %d", path, state["epoch"])
-    return state
-
-
-def save_progress(
-    path: Path, digest: str, trainables: Trainables, epoch: int, history: list[dict], **extra: Any
-) -> None:
-    """Checkpoint the end of ``epoch`` (1-based count of finished epochs) for :func:`resume`."""
-    state = {**trainables.state_dict(), "rng": rng_state(), "epoch": epoch, "config_digest": digest}
-    save_checkpoint(path, {**state, "history": history, **extra})
-
-
-def rng_state() -> dict[str, Any]:
-    """The torch RNG states (CPU and, if present, CUDA) for exact resumption."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def epoch_indices(num_samples: int, seed: int, epoch: int, ddp: Dist, batch_size: int) -> Iterator[list[int]]:

@@ -11,7 +11,7 @@ from conftest import tiny_params_dict, write_params
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline import train_aff, training
+from pipeline import checkpoint, train_aff
 from pipeline.config import StageParams, load_params
 from pipeline.io import load_label_png
 from stages.cli import app
@@ -151,17 +151,17 @@ def test_train_aff_resumes_to_the_same_weights(tiny_run, tmp_path, monkeypatch):
         )
 
     run("straight")
-    save = training.save_checkpoint
+    save = checkpoint.save_checkpoint
 
     def save_then_die(path, state):
         save(path, state)
         raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run("resumed")
     assert (tmp_path / "ck.pt").is_file()
-    monkeypatch.setattr(training, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     run("resumed")
     straight, resumed = (
         load_file(tmp_path / "straight/model.safetensors"),

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
+from pipeline import checkpoint
 from pipeline import evaluate as evaluate_module
-from pipeline import training
 from pipeline.config import CrfParams, EvaluateParams, Params, load_sections
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.evaluate import _crf_job, evaluate_segmenter
@@ -103,18 +103,18 @@ def test_interrupted_train_seg_resumes_to_the_same_weights(workspace, tmp_path, 
     args = (workspace / "prepared", workspace / "pseudo")
     train_segmenter(params, *args, tmp_path / "ref", tmp_path / "ref_results", tmp_path / "ref.pt")
 
-    save = training.save_checkpoint
+    save = checkpoint.save_checkpoint
 
     def save_then_die(path, state):
         save(path, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_segmenter(params, *args, tmp_path / "run", tmp_path / "run_results", tmp_path / "run.pt")
     assert torch.load(tmp_path / "run.pt", weights_only=True)["epoch"] == 1
     assert not (tmp_path / "run").exists()
-    monkeypatch.setattr(training, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     train_segmenter(params, *args, tmp_path / "run", tmp_path / "run_results", tmp_path / "run.pt")
 
     reference = load_file(str(tmp_path / "ref" / "model.safetensors"))

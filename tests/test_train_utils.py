@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.errors import TrainingError
 from pipeline.runtime import Dist, resolve_device
 from pipeline.training import (
@@ -14,11 +15,7 @@ from pipeline.training import (
     check_weights,
     epoch_indices,
     fit,
-    load_checkpoint,
     param_groups,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
     warmup_decay,
 )
 
