@@ -217,7 +217,7 @@ class CamsParams(Runtime):
     ``seed_locating`` chooses the seeds of R-CAM's prototypes at inference: ``structure`` is SWTformer's
     structure-aware locating (soft IoU with the |cos| affinity of last-stage tokens; always used in training),
     ``cam`` the argmax of the CAM with its background ``1 - max`` (SIPE's ablation without structure-aware
-    locating). On the synthetic benchmark ``cam`` is measured better (README, "V1 against V2").
+    locating). On the synthetic benchmark ``cam`` measured better (docs/results_history.md, "V1 against V2").
     """
 
     split: Literal["train", "train_aug", "val"] = "train"

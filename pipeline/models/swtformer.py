@@ -1,7 +1,7 @@
 """SWTformer V1/V2: the patch-token CAM head, HFF, structure-aware seeds and background-aware prototypes.
 
 V1 = Swin backbone + a conv CAM head on the last stage (GAP logits, ReLU + max-normalised CAM).
-V2 adds (SIPE's machinery with SWTformer's three changes, see ``shared/reference/swtformer_sipe.md`` §4.4):
+V2 adds (SIPE's machinery with SWTformer's three changes; docs/classifier.md):
 hierarchical feature fusion (HFF) of the four stages, a background map ``1 - max_c M_c``, seeds located by
 the soft IoU between each token's structure (absolute cosine affinity of last-stage tokens) and each
 class map, class prototypes on the HFF feature, and R-CAM = ReLU(cosine) to the prototypes.
