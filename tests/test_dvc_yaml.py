@@ -61,26 +61,42 @@ def test_cmd_options_exist(name):
 
 @pytest.mark.parametrize("name", STAGE_NAMES)
 def test_deps_exist(name):
-    outs = {o for stage in DVC["stages"].values() for o in stage.get("outs", [])}
+    outs = {o for stage in DVC["stages"].values() for o in _declared(stage, "outs")}
     for dep in DVC["stages"][name].get("deps", []):
         assert dep in outs or (REPO / dep).exists(), f"{name}: dependency {dep} is neither in the repo nor an out"
     own = f"stages/{name}.py"
     assert own in DVC["stages"][name]["deps"], f"{name} must depend on its own module {own}"
 
 
+def _declared(stage: dict, kind: str) -> dict[str, dict]:
+    """A stage's ``outs`` or ``metrics`` as ``{path: options}`` (an entry is a path or ``{path: options}``)."""
+    entries = {}
+    for entry in stage.get(kind, []):
+        path, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+        entries[path] = options or {}
+    return entries
+
+
 def _outs_cover(path: str) -> bool:
     for stage in DVC["stages"].values():
-        for out in stage.get("outs", []):
-            out = out if isinstance(out, str) else next(iter(out))
+        for out in {**_declared(stage, "outs"), **_declared(stage, "metrics")}:
             if path == out or path.startswith(out.rstrip("/") + "/"):
                 return True
     return False
 
 
-def test_top_level_metrics_are_outs():
-    assert DVC["metrics"]
-    for path in DVC["metrics"]:
-        assert _outs_cover(path), path
+@pytest.mark.parametrize("name", [n for n in STAGE_NAMES if n != "prepare"])
+def test_metrics_are_tracked_by_git(name):
+    # a fresh clone shows the committed run's metrics (`dvc metrics show`) only if git, not DVC's cache, holds them
+    metrics = _declared(DVC["stages"][name], "metrics")
+    assert metrics == {f"results/{name}/metrics.json": {"cache": False}}
+
+
+def test_small_results_in_git_large_ones_in_the_cache():
+    for name, stage in DVC["stages"].items():
+        for path, options in _declared(stage, "outs").items():
+            large = path.startswith(("data/", "models/")) or path.endswith("/images")
+            assert options.get("cache", True) is large, f"{name}: {path} cache={options.get('cache', True)}"
 
 
 def test_top_level_plots_are_outs():

@@ -136,6 +136,27 @@ def test_plots_render(project):
     assert len(images) == 2 and all(plots[name][0]["type"] == "image" for name in images)
 
 
+def test_a_clone_shows_the_committed_metrics_and_pulls_the_rest_from_a_remote(project, tmp_path):
+    # runs before the experiments below: the committed run is the baseline they are compared with
+    assert project.repro.returncode == 0, project.repro.stdout + project.repro.stderr
+    project.ok(*_dvc("remote", "add", "-d", "local", str(tmp_path / "remote")))
+    project.ok("git", "commit", "-q", "-am", "a local DVC remote")
+    project.ok(*_dvc("push"), timeout=300)
+    metrics = json.loads(project.ok(*_dvc("metrics", "show", "--json")))[""]["data"]
+
+    clone = Project(tmp_path / "clone")
+    project.ok("git", "clone", "-q", str(project.root), str(clone.root))
+    assert not (clone.root / "models/cls/model.safetensors").exists(), "models travel through the remote"
+    shown = json.loads(clone.ok(*_dvc("metrics", "show", "--json")))[""]["data"]
+    assert shown == metrics, "a fresh clone shows the committed metrics before any run or pull"
+    assert (clone.root / "results/train_cls/plots/metrics/val/map_classwise.tsv").is_file(), "curves are in git"
+    clone.ok(*_dvc("pull"), timeout=300)
+    for model in ("cls", "aff", "seg"):
+        pulled = (clone.root / f"models/{model}/model.safetensors").read_bytes()
+        assert pulled == (project.root / f"models/{model}/model.safetensors").read_bytes(), model
+    assert json.loads(clone.ok(*_dvc("status", "--json"))) == {}, "the pulled clone is up to date"
+
+
 def test_ablation_reruns_only_the_dependent_stages(ablation):
     output = ablation.exp_run.stdout + ablation.exp_run.stderr
     assert ablation.exp_run.returncode == 0, output
