@@ -22,6 +22,7 @@ DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGE_NAMES = sorted(DVC["stages"])
 PACKAGES = ("pipeline", "stages")
 DISPATCHER = "stages/cli.py"
+SHARED = "stages/_common.py"
 
 
 def module_path(name: str) -> str | None:
@@ -65,7 +66,7 @@ def runs_code(path: str) -> bool:
 
 def import_closure(stage: str) -> set[str]:
     """Every project file that ``wsss <stage>`` may execute (see the module docstring)."""
-    wrappers = {f"stages/{name}.py" for name in STAGE_NAMES} | {"stages/download.py", "stages/predict.py"}
+    wrappers = {path.relative_to(REPO).as_posix() for path in (REPO / "stages").glob("*.py")} - {DISPATCHER, SHARED}
     own = f"stages/{stage}.py"
     seen: set[str] = set()
     todo = [DISPATCHER, own]

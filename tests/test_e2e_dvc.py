@@ -204,3 +204,27 @@ def test_refine_ablation_reruns_refine_and_downstream_only(refine_ablation):
     assert methods == {"psa_crf", "none"}
     for run in runs:
         assert 0 <= run["data"]["metrics"]["results/evaluate/metrics.json"]["data"]["single_scale"]["miou"] <= 1
+
+
+def test_compare_runs_a_grid_of_variants_and_seeds(refine_ablation, tmp_path):
+    project = refine_ablation
+    project.ok("git", "checkout", "--", ".")  # the ablations left their params in the workspace
+    baseline = json.loads((project.root / "results/train_cls/metrics.json").read_text())
+    grid = tmp_path / "grid.yaml"
+    metrics = ["train_cls/train/loss_total", "train_cls/val/map_classwise"]
+    spec = {"name": "tiny", "target": "train_cls", "seeds": [0, 1], "metrics": metrics}
+    grid.write_text(yaml.safe_dump({**spec, "variants": {"ccl": {}, "noccl": {"loss.ccl": False}}}))
+    command = (str(VENV_BIN / "wsss"), "compare", str(grid), "--out", str(tmp_path / "out"))
+
+    result = project.run(*command, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (tmp_path / "out/tiny.md").read_text()
+    assert table.startswith("| variant | overrides | train_cls/train/loss_total |") and "(n=" not in table
+    values = json.loads((tmp_path / "out/tiny.json").read_text())["values"]
+    losses = values["ccl"]["train_cls/train/loss_total"]
+    assert losses[0] == baseline["train"]["loss_total"], "seed 0 with the committed params is the committed run"
+    assert losses[0] != losses[1], "seed 1 is another run"
+    assert values["noccl"]["train_cls/train/loss_total"][0] != losses[0], "the override reached the run"
+
+    again = project.run(*command, timeout=120)  # a grid resumes: nothing runs twice
+    assert again.returncode == 0 and again.stdout.count("already run, kept") == 4, again.stdout + again.stderr

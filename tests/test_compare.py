@@ -1,0 +1,150 @@
+"""``pipeline.compare``: grid files, experiment commands, reading ``dvc exp show --json``, mean +- std, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from conftest import REPO
+
+from pipeline.compare import (
+    Grid,
+    collect,
+    exp_run_command,
+    experiments,
+    format_value,
+    load_grid,
+    markdown_table,
+    metric_value,
+    summarise,
+    write_report,
+)
+from pipeline.errors import ConfigError
+
+GRID = Grid(
+    name="ccl",
+    target="cams",
+    seeds=(0, 1),
+    variants={"on": {}, "off": {"loss.ccl": False, "cams.scales": [1.0, 0.5]}},
+    metrics=("train_cls/val/map_classwise", "cams/rcam/miou_argmax"),
+)
+
+
+def run(name: str, map_classwise: float, rcam: float) -> dict:
+    """One experiment as ``dvc exp show --json`` lists it."""
+    metrics = {
+        "results/train_cls/metrics.json": {"data": {"val": {"map_classwise": map_classwise}}},
+        "results/cams/metrics.json": {"data": {"rcam": {"miou_argmax": rcam}}},
+    }
+    return {"rev": f"sha-{name}", "name": name, "data": {"metrics": metrics, "params": {}}}
+
+
+SHOWN = [
+    {"rev": "workspace", "data": {}},
+    {
+        "rev": "abc123",
+        "data": {},
+        "experiments": [
+            {"revs": [run("ccl-on-s0", 0.8, 0.5)]},
+            {"revs": [run("ccl-on-s1", 0.6, 0.7)]},
+            {"revs": [run("ccl-off-s0", 0.5, 0.4)]},
+            {"revs": [{"rev": "sha-unnamed", "data": {"metrics": {}}}]},
+        ],
+    },
+]
+
+
+def test_grid_file_round_trip_and_one_line_errors(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(GRID.model_dump(mode="json")))
+    assert load_grid(path) == GRID
+    path.write_text("name: a-b\nseeds: [0]\nvariants: {x: {}}\nmetrics: [cams/cam/miou_best]\n")
+    with pytest.raises(ConfigError, match=r"grid.yaml: name: String should match pattern") as info:
+        load_grid(path)
+    assert "\n" not in str(info.value)
+    path.write_text("name: a\nseeds: []\nvariants: {x: {}}\nmetrics: [cams/cam/miou_best]\n")
+    with pytest.raises(ConfigError, match="seeds"):
+        load_grid(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_grid(tmp_path / "missing.yaml")
+
+
+def test_exp_run_command_sets_the_seed_then_the_variant():
+    assert exp_run_command(GRID, "off", 1) == [
+        *("dvc", "exp", "run", "--temp", "-n", "ccl-off-s1"),
+        *("-S", "seed=1", "-S", "loss.ccl=false", "-S", "cams.scales=[1.0, 0.5]"),
+        "cams",
+    ]
+    whole_dag = GRID.model_copy(update={"target": None})
+    assert exp_run_command(whole_dag, "on", 0)[-2:] == ["-S", "seed=0"]
+
+
+def test_values_are_written_as_yaml_reads_them():
+    assert [format_value(v) for v in (True, 0.001, 3, "cam", [1, 2], None)] == [
+        "true",
+        "0.001",
+        "3",
+        "cam",
+        "[1, 2]",
+        "null",
+    ]
+    assert yaml.safe_load(format_value([1.0, 0.5])) == [1.0, 0.5]
+
+
+def test_experiments_are_found_by_name_and_metrics_by_path():
+    found = experiments(SHOWN)
+    assert set(found) == {"ccl-on-s0", "ccl-on-s1", "ccl-off-s0"}
+    assert metric_value(found["ccl-on-s1"], "cams/rcam/miou_argmax") == 0.7
+    assert math.isnan(metric_value(found["ccl-on-s1"], "cams/rcam/no_such_key"))
+    assert math.isnan(metric_value({}, "refine/pseudo/miou"))
+
+
+def test_collect_marks_missing_runs_nan():
+    values = collect(GRID, experiments(SHOWN))
+    assert values["on"]["train_cls/val/map_classwise"] == [0.8, 0.6]
+    off = values["off"]["cams/rcam/miou_argmax"]
+    assert off[0] == 0.4 and math.isnan(off[1]), "ccl-off-s1 never ran"
+
+
+def test_summarise_mean_and_sample_std():
+    mean, std, n = summarise([0.8, 0.6])
+    assert (round(mean, 12), round(std, 12), n) == (0.7, round(math.sqrt(0.02), 12), 2)
+    assert summarise([0.4, float("nan")]) == (0.4, 0.0, 1)
+    mean, std, n = summarise([float("nan")])
+    assert math.isnan(mean) and math.isnan(std) and n == 0
+
+
+def test_markdown_table():
+    table = markdown_table(GRID, collect(GRID, experiments(SHOWN)))
+    assert table.splitlines() == [
+        "| variant | overrides | train_cls/val/map_classwise | cams/rcam/miou_argmax |",
+        "|---|---|---|---|",
+        "| on | - | 0.700 ± 0.141 | 0.600 ± 0.141 |",
+        "| off | `loss.ccl=false`, `cams.scales=[1.0, 0.5]` | 0.500 ± 0.000 (n=1) | 0.400 ± 0.000 (n=1) |",
+        "",
+        "Mean ± sample std over seeds 0, 1.",
+    ]
+
+
+def test_write_report_writes_the_table_the_values_and_a_plot(tmp_path):
+    values = collect(GRID, experiments(SHOWN))
+    table = write_report(GRID, values, tmp_path / "out")
+    assert (tmp_path / "out/ccl.md").read_text() == table
+    record = json.loads((tmp_path / "out/ccl.json").read_text())
+    assert record["values"]["on"]["cams/rcam/miou_argmax"] == [0.5, 0.7]
+    assert record["grid"]["variants"]["off"] == {"loss.ccl": False, "cams.scales": [1.0, 0.5]}
+    assert (tmp_path / "out/ccl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/compare").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_grids_name_metrics_the_committed_run_has(path):
+    grid = load_grid(path)
+    assert grid.name == path.stem
+    committed = {"metrics": {}}
+    for metrics in (REPO / "results").glob("*/metrics.json"):
+        committed["metrics"][metrics.relative_to(REPO).as_posix()] = {"data": json.loads(metrics.read_text())}
+    assert committed["metrics"], "the reference run's metrics are committed (results/*/metrics.json)"
+    for metric in grid.metrics:
+        assert not math.isnan(metric_value(committed, metric)), f"{path.name}: no metric {metric}"
