@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import cams, download, evaluate, predict, prepare, refine, train_aff, train_cls, train_seg
+from stages import cams, download, evaluate, predict, prepare, refine, standin, train_aff, train_cls, train_seg
 
 app = typer.Typer(
     help="Weakly supervised semantic segmentation: image-level labels -> seeds -> segmentation model.",
@@ -23,7 +23,12 @@ STAGES = {
 for _name, _module in STAGES.items():
     app.command(_name)(_module.main)
 # tools that are not DVC stages (the default DAG never downloads)
-COMMANDS = {"predict": predict.main, "download": download.main, "download-weights": download.weights}
+COMMANDS = {
+    "predict": predict.main,
+    "download": download.main,
+    "download-weights": download.weights,
+    "standin": standin.main,
+}
 for _name, _function in COMMANDS.items():
     app.command(_name)(_function)
 

@@ -65,7 +65,11 @@ def runs_code(path: str) -> bool:
 
 def import_closure(stage: str) -> set[str]:
     """Every project file that ``wsss <stage>`` may execute (see the module docstring)."""
-    wrappers = {f"stages/{name}.py" for name in STAGE_NAMES} | {"stages/download.py", "stages/predict.py"}
+    wrappers = {f"stages/{name}.py" for name in STAGE_NAMES} | {
+        "stages/download.py",
+        "stages/predict.py",
+        "stages/standin.py",
+    }
     own = f"stages/{stage}.py"
     seen: set[str] = set()
     todo = [DISPATCHER, own]
