@@ -29,9 +29,9 @@ def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDatas
     """Generate the synthetic benchmark into ``out``.
 
     ``train`` and ``train_aug`` are the same images (the benchmark has no separate augmented set);
-    ``val`` is disjoint. Image ids are ``train_00000`` ... and ``val_00000`` ... Samples are generated in one
-    process per CPU core; each depends only on ``seed`` and its index, so the output does not depend on the
-    number of processes.
+    ``val`` is disjoint (``data.subset`` keeps the first N of each). Image ids are ``train_00000`` ... and
+    ``val_00000`` ... Samples are generated in one process per CPU core; each depends only on ``seed`` and its
+    index, so the output does not depend on the number of processes.
 
     Args:
         params: The ``data`` section (uses ``data.synthetic``).
@@ -48,7 +48,10 @@ def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDatas
     names = synthetic.class_names()
     palette = voc_palette()[: len(names)]
     labels: dict[str, list[int]] = {}
-    splits = {"train": ("train", params.synthetic.num_train, 0), "val": ("val", params.synthetic.num_val, 1_000_000)}
+    num_train, num_val = params.synthetic.num_train, params.synthetic.num_val
+    if params.subset is not None:  # the first N of each split: the same images as without the cut
+        num_train, num_val = min(num_train, params.subset), min(num_val, params.subset)
+    splits = {"train": ("train", num_train, 0), "val": ("val", num_val, 1_000_000)}
     lists: dict[str, list[str]] = {}
     workers = resolve_workers(0)
     for split, (prefix, count, offset) in splits.items():
@@ -66,7 +69,8 @@ def prepare(params: DataParams, seed: int, out: Path | str) -> PreparedDataset:
     """Write the dataset chosen by ``data.dataset`` into ``out`` in the prepared layout.
 
     ``synthetic`` is generated from ``seed``; ``voc`` and ``coco`` are converted from the raw data in
-    ``data.root`` (see :mod:`pipeline.data.voc` and :mod:`pipeline.data.coco`).
+    ``data.root`` (see :mod:`pipeline.data.voc` and :mod:`pipeline.data.coco`). With ``data.subset: N`` every split
+    holds only its first N images (:func:`~pipeline.data.layout.cut_splits`), and only those are written.
 
     Args:
         params: The ``data`` section.
@@ -81,7 +85,7 @@ def prepare(params: DataParams, seed: int, out: Path | str) -> PreparedDataset:
     """
     out = Path(out)
     if params.dataset == "voc":
-        return prepare_voc(params.root, out)
+        return prepare_voc(params.root, out, params.subset)
     if params.dataset == "coco":
-        return prepare_coco(params.root, out)
+        return prepare_coco(params.root, out, params.subset)
     return prepare_synthetic(params, seed, out)

@@ -231,8 +231,9 @@ def train_affinity_net(
     data = PreparedDataset.open(data_dir)
     store = open_cam_store(cams_dir)
     ids = store.ids
-    training.check_batch("train_aff", cfg.batch_size, len(ids))
-    run = training.setup("train_aff", cfg.device, cfg.threads, params.seed, cfg.batch_size)
+    batch_size = training.rehearsal_batch("train_aff", cfg.batch_size, len(ids), params.data.subset)
+    training.check_batch("train_aff", batch_size, len(ids))
+    run = training.setup("train_aff", cfg.device, cfg.threads, params.seed, batch_size)
     mean, std = tuple(params.data.mean), tuple(params.data.std)
     model = AffinityNet(**cfg.model.model_dump()).to(run.device)
     groups = training.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
@@ -251,7 +252,7 @@ def train_affinity_net(
         static_metrics=quality,
     )
     digest = f"{params.digest()}-{_fingerprint(labels)}"  # the labels too: they come from the CAM store
-    history = training.fit(task, training.Recipe.of(cfg), run, results_dir, checkpoint, digest)
+    history = training.fit(task, training.Recipe.of(cfg, batch_size=batch_size), run, results_dir, checkpoint, digest)
     return {**quality, **(history[-1] if history else {})}
 
 

@@ -59,7 +59,8 @@ def train_classifier(
     """
     cfg = params.train_cls
     data = PreparedDataset.open(data_dir)
-    run = training.setup("train_cls", cfg.device, cfg.threads, params.seed, cfg.batch_size)
+    batch_size = training.rehearsal_batch("train_cls", cfg.batch_size, len(data.split("train_aug")), params.data.subset)
+    run = training.setup("train_cls", cfg.device, cfg.threads, params.seed, batch_size)
     mean, std = params.data.mean, params.data.std
     trainset = ClassificationTrainSet(
         data,
@@ -89,7 +90,9 @@ def train_classifier(
         validate=lambda epoch: _validate(model, val_batches, run.device, cfg.amp),
         find_unused_parameters=params.model.version == "v2" and not (params.loss.gsc or params.loss.ccl),
     )
-    history = training.fit(task, training.Recipe.of(cfg), run, results_dir, checkpoint, params.digest())
+    history = training.fit(
+        task, training.Recipe.of(cfg, batch_size=batch_size), run, results_dir, checkpoint, params.digest()
+    )
     return {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}
 
 

@@ -99,7 +99,8 @@ def train_segmenter(
     """
     cfg = params.train_seg
     data = PreparedDataset.open(data_dir)
-    run = training.setup("train_seg", cfg.device, cfg.threads, params.seed, cfg.batch_size, min_per_rank=2)
+    batch_size = training.rehearsal_batch("train_seg", cfg.batch_size, len(data.split(cfg.split)), params.data.subset)
+    run = training.setup("train_seg", cfg.device, cfg.threads, params.seed, batch_size, min_per_rank=2)
     mean, std = tuple(params.data.mean), tuple(params.data.std)
     trainset = SegmentationTrainSet(
         data, cfg.split, labels_dir, cfg.crop_size, cfg.scale_range, cfg.flip, mean, std, params.seed
@@ -134,5 +135,5 @@ def train_segmenter(
         sync_batchnorm=True,
     )
     digest = f"{params.digest()}-{labels_fingerprint(Path(labels_dir), trainset.ids)}"  # the pseudo labels too
-    history = training.fit(task, training.Recipe.of(cfg), run, results_dir, checkpoint, digest)
+    history = training.fit(task, training.Recipe.of(cfg, batch_size=batch_size), run, results_dir, checkpoint, digest)
     return {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}

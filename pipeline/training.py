@@ -188,6 +188,36 @@ def check_batch(name: str, batch_size: int, num_samples: int) -> None:
         raise TrainingError(f"{name}.batch_size={batch_size} exceeds the {num_samples} images")
 
 
+def rehearsal_batch(name: str, batch_size: int, num_samples: int, subset: int | None) -> int:
+    """The batch size to train with: ``batch_size``, cut to the training set in a rehearsal (``data.subset``).
+
+    With ``data.subset: N`` every split holds at most N images, which may be fewer than a paper config's batch; the
+    batch is then cut to the training set (with a warning) so that a rehearsal on a handful of images runs every
+    step. Without a subset nothing changes: a batch larger than the training set stays an error (:func:`check_batch`).
+
+    Args:
+        name: The params section, for the message.
+        batch_size: The section's ``batch_size``.
+        num_samples: Images in the training set.
+        subset: ``data.subset``.
+
+    Returns:
+        The batch size.
+    """
+    if subset is None or batch_size <= num_samples or num_samples == 0:
+        return batch_size
+    log.warning(
+        "%s: data.subset leaves %d training images: batch_size %d cut to %d for this rehearsal (the paper's batch "
+        "needs data.subset >= %d)",
+        name,
+        num_samples,
+        batch_size,
+        num_samples,
+        batch_size,
+    )
+    return num_samples
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The schedule and loop settings of a trainer's params section (without ``grad_clip`` or ``num_workers``: 0)."""
@@ -202,9 +232,10 @@ class Recipe:
     num_workers: int = 0
 
     @classmethod
-    def of(cls, section: Any) -> Recipe:
-        """The recipe of a params section (``train_cls``, ``train_aff`` or ``train_seg``)."""
-        return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
+    def of(cls, section: Any, **overrides: Any) -> Recipe:
+        """The recipe of a params section (``train_cls``, ``train_aff`` or ``train_seg``), with ``overrides``."""
+        values = {f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)}
+        return cls(**{**values, **overrides})
 
 
 Step = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from stages import cams, compare, download, evaluate, predict, prepare, refine, train_aff, train_cls, train_seg
+from stages import (
+    cams,
+    compare,
+    download,
+    evaluate,
+    predict,
+    prepare,
+    refine,
+    standin,
+    train_aff,
+    train_cls,
+    train_seg,
+)
 
 app = typer.Typer(
     help="Weakly supervised semantic segmentation: image-level labels -> seeds -> segmentation model.",
@@ -28,6 +40,7 @@ COMMANDS = {
     "download": download.main,
     "download-weights": download.weights,
     "compare": compare.main,
+    "standin": standin.main,
 }
 for _name, _function in COMMANDS.items():
     app.command(_name)(_function)

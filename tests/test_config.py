@@ -354,3 +354,11 @@ def test_a_params_file_that_is_not_utf8_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"params.yaml: not UTF-8 text \(byte 13\)") as info:
         load_params(path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", [0, -3, True, 1.5, "8", [8]])
+def test_data_subset_is_a_positive_integer_or_null(tmp_path, value):
+    message = config_error(write_full(tmp_path, data={"subset": value}))
+    assert "data.subset" in message
+    assert load_params(write_full(tmp_path, "ok.yaml", data={"subset": 8})).data.subset == 8
+    assert load_params(write_full(tmp_path, "all.yaml", data={"subset": None})).data.subset is None

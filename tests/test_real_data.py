@@ -269,3 +269,42 @@ def test_process_map_in_worker_processes_keeps_order_and_reraises():
     assert process_map(_fail_on_three, list(range(4, 24)), "test", workers=2) == [2 * i for i in range(4, 24)]
     with pytest.raises(DatasetError, match="^bad item 3$"):
         process_map(_fail_on_three, list(range(10)), "test", workers=2)
+
+
+# --- data.subset ----------------------------------------------------------------------------------------------
+
+
+def test_voc_subset_keeps_the_first_images_of_every_split(voc_root, tmp_path):
+    aug_list = voc_dir(voc_root) / "ImageSets" / "SegmentationAug"
+    aug_list.mkdir()
+    (aug_list / "train_aug.txt").write_text("2007_000002\n2008_000005\n2007_000001\n")
+    data = prepare(DataParams(dataset="voc", root=str(voc_root), subset=1), 0, tmp_path / "prepared")
+    assert (data.split("train"), data.split("train_aug"), data.split("val")) == (
+        VOC_TRAIN[:1],
+        ["2007_000002"],
+        VOC_VAL[:1],
+    )
+    kept = {"2007_000001", "2007_000002", "2007_000003"}
+    assert set(data.labels) == kept and {p.stem for p in (data.root / "masks").glob("*.png")} == kept
+    assert AUG_ONLY_CLASS not in data.load_mask("2007_000002"), "a train image keeps its fine mask outside the cut"
+    bigger = prepare(DataParams(dataset="voc", root=str(voc_root), subset=100), 0, tmp_path / "all")
+    assert bigger.split("train_aug") == ["2007_000002", "2008_000005", "2007_000001"]
+
+
+def test_coco_subset_keeps_the_first_images_of_every_split(coco_root, tmp_path):
+    data = prepare(DataParams(dataset="coco", root=str(coco_root), subset=1), 0, tmp_path / "prepared")
+    assert (data.split("train"), data.split("train_aug"), data.split("val")) == ([TRAIN_1], [TRAIN_1], [VAL_7])
+    assert data.labels == {TRAIN_1: [1, 3], VAL_7: [2]} and set(data.image_files) == {TRAIN_1, VAL_7}
+    assert {p.stem for p in (data.root / "masks").glob("*.png")} == {TRAIN_1, VAL_7}
+
+
+def test_synthetic_subset_is_the_first_images_unchanged(tmp_path):
+    params = tiny_params_dict()["data"]
+    full = prepare(DataParams.model_validate(params), 0, tmp_path / "full")
+    cut = prepare(DataParams.model_validate({**params, "subset": 3}), 0, tmp_path / "cut")
+    for split in ("train", "train_aug", "val"):
+        assert cut.split(split) == full.split(split)[:3]
+    for image_id in cut.split("train") + cut.split("val"):
+        assert cut.image_path(image_id).read_bytes() == full.image_path(image_id).read_bytes()
+        assert cut.mask_path(image_id).read_bytes() == full.mask_path(image_id).read_bytes()
+    assert len(list((cut.root / "images").iterdir())) == 6

@@ -16,6 +16,7 @@ from pipeline.training import (
     epoch_indices,
     fit,
     param_groups,
+    rehearsal_batch,
     warmup_decay,
 )
 
@@ -246,3 +247,21 @@ def test_fit_saves_finite_weights(tmp_path):
     recipe = Recipe(epochs=2, batch_size=1, warmup_epochs=0.0, schedule="poly", min_lr_ratio=0.0, amp=False)
     fit(task, recipe, Run(torch.device("cpu"), Dist(), 0), tmp_path / "results", tmp_path / "ckpt.pt", "digest")
     assert saved == [model] and torch.isfinite(model.w).all() and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_rehearsal_cuts_the_batch_to_the_subset_and_nothing_else_does(caplog):
+    assert rehearsal_batch("train_cls", 16, 100, None) == 16
+    assert rehearsal_batch("train_cls", 16, 8, None) == 16, "without data.subset fit() still refuses the batch"
+    assert rehearsal_batch("train_cls", 16, 16, 16) == 16
+    with caplog.at_level("WARNING"):
+        assert rehearsal_batch("train_seg", 16, 8, 8) == 8
+    assert "train_seg: data.subset leaves 8 training images: batch_size 16 cut to 8" in caplog.text
+
+
+def test_recipe_of_a_section_with_overrides():
+    class Section:
+        epochs, batch_size, warmup_epochs, schedule, min_lr_ratio, amp = 3, 16, 0.5, "poly", 0.0, True
+
+    assert Recipe.of(Section()).batch_size == 16
+    recipe = Recipe.of(Section(), batch_size=4)
+    assert (recipe.batch_size, recipe.epochs, recipe.grad_clip) == (4, 3, 0.0)

@@ -120,9 +120,16 @@ def _convert_image(
 
 
 def _convert_split(
-    coco: COCO, ann_path: Path, split: str, root: Path, out: Path, label_of: dict[int, int], palette: list
+    coco: COCO,
+    ann_path: Path,
+    split: str,
+    root: Path,
+    out: Path,
+    label_of: dict[int, int],
+    palette: list,
+    subset: int | None,
 ) -> tuple[list[str], dict[str, list[int]], dict[str, str]]:
-    """Write the masks of one split; return its image ids, labels and image files."""
+    """Write the masks of one split (its first ``subset`` images if set); return its image ids, labels and files."""
     folder = SPLITS[split]
     tasks, ids, labels, files = [], [], {}, {}
     for image_id in sorted(coco.getImgIds()):
@@ -139,16 +146,17 @@ def _convert_split(
         labels[name] = sorted({label_of[a["category_id"]] for a in annotations})
         files[name] = f"{folder}/{file_name}"
         tasks.append((info, annotations))
+    if len(ids) != EXPECTED_SIZES[split]:
+        log.warning("COCO split %s has %d images (the standard one has %d)", split, len(ids), EXPECTED_SIZES[split])
+    ids, tasks = ids[:subset], tasks[:subset]  # data.subset (None keeps all)
     convert = functools.partial(
         _convert_image, folder=root / folder, ann_path=ann_path, out=out, label_of=label_of, palette=palette
     )
     process_map(convert, tasks, f"prepare coco {split}")
-    if len(ids) != EXPECTED_SIZES[split]:
-        log.warning("COCO split %s has %d images (the standard one has %d)", split, len(ids), EXPECTED_SIZES[split])
-    return ids, labels, files
+    return ids, {i: labels[i] for i in ids}, {i: files[i] for i in ids}
 
 
-def prepare_coco(root: Path | str, out: Path) -> PreparedDataset:
+def prepare_coco(root: Path | str, out: Path, subset: int | None = None) -> PreparedDataset:
     """Convert COCO 2014 under ``root`` into the prepared layout in ``out``.
 
     The raw layout is checked before ``out`` is touched.
@@ -156,6 +164,7 @@ def prepare_coco(root: Path | str, out: Path) -> PreparedDataset:
     Args:
         root: ``data.root``.
         out: Output directory; replaced as a whole.
+        subset: ``data.subset``: keep the first N images of each split (only their masks are written); None = all.
 
     Returns:
         The prepared dataset.
@@ -182,7 +191,9 @@ def prepare_coco(root: Path | str, out: Path) -> PreparedDataset:
                 shutil.rmtree(out)
         elif split_names != names:
             raise DatasetError(f"{ann_paths[split]}: categories differ from those of {ann_paths['val']}")
-        ids, split_labels, split_files = _convert_split(coco, ann_paths[split], split, root, out, label_of, palette)
+        ids, split_labels, split_files = _convert_split(
+            coco, ann_paths[split], split, root, out, label_of, palette, subset
+        )
         splits[split] = ids
         labels.update(split_labels)
         files.update(split_files)

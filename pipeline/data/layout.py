@@ -219,6 +219,19 @@ class PreparedDataset:
         return vector
 
 
+def cut_splits(splits: dict[str, list[str]], subset: int | None) -> dict[str, list[str]]:
+    """Every split cut to its first ``subset`` images, in split order (``data.subset``); ``None`` keeps them all.
+
+    Args:
+        splits: Image ids per split.
+        subset: N, or ``None``.
+
+    Returns:
+        The cut lists (new lists; the input is not changed).
+    """
+    return {name: list(ids if subset is None else ids[:subset]) for name, ids in splits.items()}
+
+
 def write_index(
     out: Path,
     dataset: str,

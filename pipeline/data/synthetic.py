@@ -13,6 +13,11 @@ objects vary in scale, overlap and occlude each other; boundaries are crisp colo
 to them); and the ground-truth masks carry a thin 255 band on label boundaries, as in PASCAL VOC.
 
 Everything is generated from one integer seed: the same seed gives byte-identical images and masks.
+
+The second half of the module draws **many-class scenes** for the VOC and COCO stand-ins
+(:mod:`pipeline.data.standin`): up to 80 classes, each with its own body shape x surface pattern x mark (and a
+colour and a preferred background), at real image sizes, with the objects as polygons (and crowds) for COCO's
+annotations. The six-class benchmark does not use it.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ CLASSES = (
 )
 
 # How far above the body centre the mark sits, in units of the vertical half-extent (it stays inside the body).
-PART_OFFSET = {"ellipse": 0.4, "rectangle": 0.45, "diamond": 0.3, "trapezoid": 0.05}
+PART_OFFSET = {"ellipse": 0.4, "rectangle": 0.45, "diamond": 0.3, "trapezoid": 0.05, "triangle": -0.2}
 
 # Muted body colours shared by every class: the body says little about the class.
 BODY_PALETTE = np.array(
@@ -126,6 +131,8 @@ def _polygon(shape: str, cx: float, cy: float, rx: float, ry: float, angle: floa
         pts = np.array([(0, -ry), (rx, 0), (0, ry), (-rx, 0)])
     elif shape == "trapezoid":
         pts = np.array([(-rx, -0.3 * ry), (rx, -0.3 * ry), (0.6 * rx, ry), (-0.6 * rx, ry)])
+    elif shape == "triangle":
+        pts = np.array([(0, -ry), (rx, ry), (-rx, ry)])
     else:
         raise ValueError(f"unknown body shape {shape!r}")
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
@@ -151,8 +158,16 @@ def _fill(size: int, polygon: list[tuple]) -> np.ndarray:
     return np.asarray(canvas, dtype=bool)
 
 
-def _boundary_band(label: np.ndarray, width: int) -> np.ndarray:
-    """Pixels that have a different label within ``width`` pixels (Chebyshev distance)."""
+def boundary_band(label: np.ndarray, width: int) -> np.ndarray:
+    """Pixels that have a different label within ``width`` pixels (Chebyshev distance).
+
+    Args:
+        label: (H, W) class map.
+        width: Half-width of the band in pixels.
+
+    Returns:
+        (H, W) bool: the band.
+    """
     band = np.zeros(label.shape, dtype=bool)
     padded = np.pad(label, width, mode="edge")
     h, w = label.shape
@@ -213,5 +228,255 @@ def generate_sample(index: int, seed: int, spec: SyntheticParams) -> tuple[np.nd
     present = [int(k) for k in np.unique(label) if k and (label == k).sum() >= spec.min_visible_pixels]
     mask = label.copy()
     mask[~np.isin(label, [0, *present])] = IGNORE  # barely visible objects: unlabelled, so unscored
-    mask[_boundary_band(label, spec.boundary_width)] = IGNORE
+    mask[boundary_band(label, spec.boundary_width)] = IGNORE
     return image, mask, present
+
+
+# --- Many-class scenes at real image sizes: the VOC and COCO stand-ins (pipeline.data.standin) ------------------
+# The six-class benchmark above is left exactly as it was; what follows only adds classes, sizes and patterns.
+
+LOOK_BODIES = ("ellipse", "rectangle", "diamond", "trapezoid", "triangle")
+LOOK_PATTERNS = ("plain", "stripes", "checks", "dots")
+LOOK_PARTS = (("disk", (230, 30, 40)), ("square", (30, 220, 230)), ("bar", (250, 210, 20)), ("disk", (250, 250, 250)))
+LOOK_COLORS = (
+    (120, 80, 50),
+    (70, 90, 160),
+    (150, 60, 70),
+    (60, 130, 110),
+    (160, 140, 60),
+    (110, 70, 140),
+    (80, 80, 80),
+    (170, 110, 60),
+    (60, 110, 60),
+    (140, 140, 160),
+)
+MAX_LOOKS = len(LOOK_BODIES) * len(LOOK_PATTERNS) * len(LOOK_PARTS)  # 80: COCO's class count
+
+
+@dataclass(frozen=True)
+class Look:
+    """The appearance of one class of a many-class scene.
+
+    Attributes:
+        body: Body shape (one of :data:`LOOK_BODIES`).
+        pattern: Surface pattern of the body (one of :data:`LOOK_PATTERNS`).
+        part: Shape of the discriminative mark (``disk``, ``square`` or ``bar``).
+        part_color: RGB colour of the mark.
+        body_color: RGB colour of the body.
+        context: Index into ``TEXTURES`` of the background the class usually sits on.
+    """
+
+    body: str
+    pattern: str
+    part: str
+    part_color: tuple[int, int, int]
+    body_color: tuple[int, int, int]
+    context: int
+
+
+def class_looks(num_classes: int) -> list[Look]:
+    """Distinct looks for ``num_classes`` classes: no two share body, pattern and mark.
+
+    Class k < 20 has its own (body, pattern) pair, so 20 classes (VOC) differ in shape and surface alone; the
+    mark tells the four classes apart that share a pair when there are up to 80 (COCO). Colours and preferred
+    backgrounds vary too, but are not needed to tell classes apart.
+
+    Args:
+        num_classes: C, at most :data:`MAX_LOOKS` (80).
+
+    Returns:
+        C looks; class label k + 1 has look k.
+
+    Raises:
+        ValueError: If C is not in 1..80.
+    """
+    if not 0 < num_classes <= MAX_LOOKS:
+        raise ValueError(f"num_classes must be in 1..{MAX_LOOKS}, got {num_classes}")
+    pairs = len(LOOK_BODIES) * len(LOOK_PATTERNS)
+    looks = []
+    for k in range(num_classes):
+        pair, group = k % pairs, k // pairs
+        part, part_color = LOOK_PARTS[(pair + group) % len(LOOK_PARTS)]
+        looks.append(
+            Look(
+                body=LOOK_BODIES[pair % len(LOOK_BODIES)],
+                pattern=LOOK_PATTERNS[pair // len(LOOK_BODIES)],
+                part=part,
+                part_color=part_color,
+                body_color=LOOK_COLORS[(3 * k + group) % len(LOOK_COLORS)],
+                context=k % len(TEXTURES),
+            )
+        )
+    return looks
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """How many-class scenes are drawn.
+
+    Attributes:
+        sizes: ``(width, height, weight)`` of the image sizes to draw from (weights sum to 1).
+        max_classes: Most distinct classes in one image.
+        max_objects: Most objects in one image (at least one per class).
+        min_scale: Smallest object half-extent, as a fraction of the image's shorter side.
+        max_scale: Largest object half-extent, as that fraction.
+        crowd_prob: How often an image also holds a crowd: a cluster of small objects of one class.
+        context_prob: How often the first class sits on its preferred background.
+        noise_std: Pixel noise.
+    """
+
+    sizes: tuple[tuple[int, int, float], ...]
+    max_classes: int
+    max_objects: int
+    min_scale: float = 0.1
+    max_scale: float = 0.3
+    crowd_prob: float = 0.0
+    context_prob: float = 0.4
+    noise_std: float = 5.0
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One annotated object of a scene.
+
+    Attributes:
+        label: Class label, 1..C.
+        polygons: Outlines in pixel coordinates ``[(x, y), ...]``: one for an object, one per member of a crowd.
+        area: The outlines' total area in pixels (shoelace formula).
+        crowd: Whether this is a crowd (COCO's ``iscrowd: 1``).
+    """
+
+    label: int
+    polygons: list[list[tuple[float, float]]]
+    area: float
+    crowd: bool = False
+
+
+def polygon_area(polygon: list[tuple[float, float]]) -> float:
+    """Area of a simple polygon in square pixels (shoelace formula)."""
+    xs, ys = np.asarray(polygon, np.float64).T
+    return float(abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) / 2)
+
+
+def fill_polygons(width: int, height: int, polygons: list[list[tuple[float, float]]]) -> np.ndarray:
+    """Rasterise the union of polygons into a (height, width) bool mask."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for polygon in polygons:
+        draw.polygon(polygon, fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _pattern(kind: str, width: int, height: int, period: float) -> np.ndarray:
+    """A (height, width) float32 0/1 surface pattern with the given period in pixels."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    if kind == "plain":
+        return np.zeros((height, width), np.float32)
+    if kind == "stripes":
+        return (np.floor((xx + yy) / period) % 2).astype(np.float32)
+    if kind == "checks":
+        return ((np.floor(xx / period) + np.floor(yy / period)) % 2).astype(np.float32)
+    if kind == "dots":
+        dx, dy = xx % period - period / 2, yy % period - period / 2
+        return (dx**2 + dy**2 < (period / 3.5) ** 2).astype(np.float32)
+    raise ValueError(f"unknown pattern {kind!r}")
+
+
+def _inside(polygon: list[tuple], width: int, height: int) -> list[tuple[float, float]]:
+    """The polygon moved (and, if larger than the image, clipped) so that it lies inside the image."""
+    pts = np.asarray(polygon, np.float64)
+    low, high = pts.min(0), pts.max(0)
+    size = np.array([width, height], np.float64)
+    shift = np.maximum(0.0, -low) - np.maximum(0.0, high - size)
+    pts = np.clip(pts + shift, 0.0, size)
+    return [(round(float(x), 2), round(float(y), 2)) for x, y in pts]
+
+
+def _scene_size(spec: SceneSpec, rng: np.random.Generator) -> tuple[int, int]:
+    """Draw an image size ``(width, height)`` from ``spec.sizes``."""
+    weights = np.array([w for _, _, w in spec.sizes], np.float64)
+    width, height, _ = spec.sizes[int(rng.choice(len(spec.sizes), p=weights / weights.sum()))]
+    return width, height
+
+
+def _outline(look: Look, half: float, width: int, height: int, rng: np.random.Generator) -> tuple[list, tuple]:
+    """A random body outline of ``look`` with half-extent about ``half``; returns it and its mark's (x, y, r)."""
+    rx, ry = half * rng.uniform(0.8, 1.25), half * rng.uniform(0.8, 1.25)
+    cx, cy = rng.uniform(0.1, 0.9) * width, rng.uniform(0.15, 0.9) * height
+    rotated = _polygon(look.body, cx, cy, rx, ry, rng.uniform(-0.35, 0.35))
+    polygon = _inside(rotated, width, height)
+    shift = np.mean(polygon, 0) - np.mean(rotated, 0)  # how far it was moved to lie inside the image
+    part_x, part_y = cx + shift[0], cy + shift[1] - PART_OFFSET[look.body] * ry
+    return polygon, (part_x, part_y, max(3.0, 0.3 * min(rx, ry)))
+
+
+def _paint(
+    image: np.ndarray, label: np.ndarray, look: Look, value: int, polygon: list, part: tuple, rng: np.random.Generator
+) -> None:
+    """Paint one body (patterned, in its class colour) and its mark into ``image``; write ``value`` into ``label``."""
+    height, width = label.shape
+    body = fill_polygons(width, height, [polygon])
+    if not body.any():
+        return
+    period = max(5.0, part[2] * 0.9)
+    shade = _pattern(look.pattern, width, height, period)[body][:, None]  # (N, 1)
+    color = np.asarray(look.body_color, np.float32) + rng.normal(0, 8, 3)
+    image[body] = color * (1.0 - 0.45 * shade) + 0.45 * shade * 230.0 + rng.normal(0, 3, (int(body.sum()), 3))
+    mark = fill_polygons(width, height, [_part_polygon(look.part, *part)]) & body
+    image[mark] = np.asarray(look.part_color, np.float32)
+    label[body] = value
+
+
+def _crowd(image: np.ndarray, label: np.ndarray, look: Look, cls: int, rng: np.random.Generator) -> SceneObject:
+    """Paint a crowd: 4 to 8 small objects of class ``cls`` around one point; return it as one crowd object."""
+    height, width = label.shape
+    short = min(width, height)
+    cx, cy = rng.uniform(0.25, 0.75) * width, rng.uniform(0.3, 0.8) * height
+    polygons = []
+    for _ in range(int(rng.integers(4, 9))):
+        half = rng.uniform(0.03, 0.05) * short
+        x, y = cx + rng.normal(0, 0.08) * short, cy + rng.normal(0, 0.05) * short
+        polygon = _inside(_polygon(look.body, x, y, half, half, 0.0), width, height)
+        _paint(image, label, look, cls + 1, polygon, (x, y - PART_OFFSET[look.body] * half, 2.0), rng)
+        polygons.append(polygon)
+    return SceneObject(cls + 1, polygons, sum(polygon_area(p) for p in polygons), crowd=True)
+
+
+def generate_scene(
+    index: int, seed: int, looks: list[Look], spec: SceneSpec
+) -> tuple[np.ndarray, np.ndarray, list[SceneObject]]:
+    """Generate one many-class scene at a real image size, with its class map and annotated objects.
+
+    Objects are painted largest first, so a smaller object lies on a larger one, as COCO's reader assumes when it
+    turns instances into a semantic mask; a crowd (if any) lies under all of them.
+
+    Args:
+        index: Index of the image; with ``seed`` it fully determines the scene.
+        seed: Seed of the dataset.
+        looks: The classes' looks (:func:`class_looks`).
+        spec: Sizes and object counts.
+
+    Returns:
+        ``(image, label, objects)``: (H, W, 3) uint8 RGB, (H, W) uint8 class map (0 = background, 1..C, no
+        boundary band) and the objects in painting order.
+    """
+    rng = np.random.default_rng([seed, index, len(looks)])
+    width, height = _scene_size(spec, rng)
+    num_classes = int(rng.integers(1, min(spec.max_classes, len(looks)) + 1))
+    chosen = [int(c) for c in rng.choice(len(looks), size=num_classes, replace=False)]
+    num_objects = int(rng.integers(num_classes, max(num_classes, spec.max_objects) + 1))
+    classes = chosen + [int(c) for c in rng.choice(chosen, size=num_objects - num_classes)]
+    context = looks[chosen[0]].context if rng.random() < spec.context_prob else int(rng.integers(len(TEXTURES)))
+    image = np.ascontiguousarray(_texture(TEXTURES[context], max(width, height), rng)[:height, :width])
+    label = np.zeros((height, width), np.uint8)
+    objects = [_crowd(image, label, looks[chosen[0]], chosen[0], rng)] if rng.random() < spec.crowd_prob else []
+    short = min(width, height)
+    bodies = []
+    for cls in classes:
+        polygon, part = _outline(looks[cls], rng.uniform(spec.min_scale, spec.max_scale) * short, width, height, rng)
+        bodies.append((polygon_area(polygon), cls, polygon, part))
+    for area, cls, polygon, part in sorted(bodies, key=lambda body: -body[0]):  # stable: ties keep drawing order
+        _paint(image, label, looks[cls], cls + 1, polygon, part, rng)
+        objects.append(SceneObject(cls + 1, [polygon], area))
+    image += rng.normal(0, spec.noise_std, image.shape)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), label, objects

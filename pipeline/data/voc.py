@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.layout import IGNORE, PreparedDataset, voc_palette, write_index
+from pipeline.data.layout import IGNORE, PreparedDataset, cut_splits, voc_palette, write_index
 from pipeline.data.raw import (
     check_same_size,
     image_size,
@@ -120,7 +120,7 @@ def _convert_image(item: tuple[str, str], voc_dir: Path, out: Path, palette: lis
     return [int(c) for c in np.unique(mask) if c not in (0, IGNORE)]
 
 
-def prepare_voc(root: Path | str, out: Path) -> PreparedDataset:
+def prepare_voc(root: Path | str, out: Path, subset: int | None = None) -> PreparedDataset:
     """Convert VOC 2012 + SBD under ``root`` into the prepared layout in ``out``.
 
     The raw layout is checked completely before ``out`` is touched.
@@ -128,6 +128,7 @@ def prepare_voc(root: Path | str, out: Path) -> PreparedDataset:
     Args:
         root: ``data.root``.
         out: Output directory; replaced as a whole.
+        subset: ``data.subset``: keep the first N images of each split (only their masks are written); None = all.
 
     Returns:
         The prepared dataset.
@@ -138,9 +139,10 @@ def prepare_voc(root: Path | str, out: Path) -> PreparedDataset:
     """
     root = Path(root)
     voc_dir = find_voc_dir(root)
-    splits = voc_splits(voc_dir)
-    fine = set(splits["train"]) | set(splits["val"])
-    ids = sorted(set(splits["train_aug"]) | fine)
+    full = voc_splits(voc_dir)
+    fine = set(full["train"]) | set(full["val"])  # an image's mask does not depend on the cut
+    splits = cut_splits(full, subset)
+    ids = sorted(set().union(*splits.values()))
     palette = voc_palette()
     if out.exists():
         shutil.rmtree(out)
