@@ -101,9 +101,9 @@ ASSUMPTIONS = [
     "the resumable checkpoint (weights + optimiser state) exists only during training; environment not counted.",
     "Memory: each stage's measured process peak plus what the stage keeps for the whole run (train_aff's labels "
     "of every image, a pending CAM shard, evaluate's batch of probabilities) and its worker processes "
-    "(each: the measured peak of a process doing one job). GPU memory is not projected here: "
-    "benchmarks/cuda_check.py measures it on a GPU.",
-    "Not included: downloads, validation mAP of train_cls (a small eval per epoch), galleries, DVC hashing.",
+    "(each: the measured peak of a process doing one job; an upper bound for forked data loaders, which share "
+    "pages). GPU memory is not projected here: benchmarks/cuda_check.py measures it on a GPU.",
+    "Not included: downloads, cams' one val mAP pass, galleries, DVC hashing.",
 ]
 
 
@@ -722,13 +722,12 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["voc", "coco"], choices=sorted(DATASETS))
     parser.add_argument("--quick", action="store_true", help="one timed run per piece (default three), batches / 4")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for model work = this machine's cores")
-    parser.add_argument("--seg-batch", type=int, help="DeepLab crops per measured step (default 2, 1 with --quick)")
+    parser.add_argument("--seg-batch", type=int, default=2, help="DeepLab crops per measured step (>= 2: BatchNorm)")
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
     args = parser.parse_args()
     repeats, shrink = (1, 4) if args.quick else (3, 1)
-    seg_batch = args.seg_batch or (1 if args.quick else 2)
     started = time.perf_counter()
-    results = {name: measure(name, repeats, args.threads, seg_batch, shrink) for name in args.datasets}
+    results = {name: measure(name, repeats, args.threads, args.seg_batch, shrink) for name in args.datasets}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     here = Machine(f"this machine ({args.threads} cores)", args.threads)
