@@ -17,6 +17,7 @@ from pipeline import runtime
 from pipeline.config import CamsParams, SeedLocating
 from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
+from pipeline.errors import DatasetError
 from pipeline.io import CamWriter
 from pipeline.live import open_live
 from pipeline.metrics import SeedEvaluator, iou_report, threshold_grid
@@ -94,10 +95,31 @@ def multiscale_maps(
     return max_norm(cam_sum), (max_norm(rcam_sum) if rcam_sum is not None else None)
 
 
+def scored_ids(data: PreparedDataset, params: CamsParams, ids: list[str]) -> set[str] | None:
+    """The ids of ``cams.split`` whose seeds are scored: ``None`` (all of them) unless ``cams.score_split`` is set.
+
+    Raises:
+        DatasetError: If ``score_split`` shares no image with ``split``.
+    """
+    if params.score_split is None:
+        return None
+    scored = set(data.split(params.score_split)) & set(ids)
+    if not scored:
+        raise DatasetError(
+            f"cams.score_split = {params.score_split} shares no image with cams.split = {params.split}; "
+            "seeds could not be scored (use a split contained in cams.split, or null)"
+        )
+    log.info("cams: seeds for %d images of %s, scored on the %d of %s", len(ids), params.split, len(scored),
+             params.score_split)  # fmt: skip
+    return scored
+
+
 def generate_cams(
     params: CamsParams, data_dir: Path, model_dir: Path, cams_dir: Path, results_dir: Path, batch_size: int = 8
 ) -> dict[str, float]:
     """Run inference on ``cams.split``, store CAM/R-CAM shards and write seed metrics, mAP and a gallery.
+
+    Seeds are scored on every image of ``cams.split``, or only on those of ``cams.score_split`` when it is set.
 
     Args:
         params: The ``cams`` section.
@@ -116,6 +138,7 @@ def generate_cams(
     model, meta = load_classifier(model_dir, device)
     mean, std = tuple(meta["mean"]), tuple(meta["std"])
     ids = data.split(params.split)
+    scored = scored_ids(data, params, ids)
     grid = threshold_grid(params.sweep.max, params.sweep.step)
     evaluators = {"cam": SeedEvaluator(data.num_classes, grid)}
     if model.version == "v2":
@@ -137,9 +160,11 @@ def generate_cams(
             if rcam is not None:
                 maps["rcam"] = rcam[row, keys].cpu().numpy()
             writer.add(image_id, keys, maps)
-            gt = data.load_mask(image_id)
-            for name, evaluator in evaluators.items():
-                evaluator.add(maps[name], keys, gt)
+            score = scored is None or image_id in scored
+            gt = data.load_mask(image_id) if score or gallery < params.gallery_size else None
+            if score:
+                for name, evaluator in evaluators.items():
+                    evaluator.add(maps[name], keys, gt)
             if gallery < params.gallery_size:
                 panel = cam_gallery_row(images[row], maps, gt, data.palette)
                 live.log_image(f"gallery/{gallery:02d}_{image_id}.png", Image.fromarray(panel))

@@ -58,6 +58,8 @@ class Section(BaseModel):
 
 Device = Literal["auto", "cpu", "cuda"]
 ScheduleName = Literal["cosine", "poly"]
+OptimizerName = Literal["sgd", "adamw"]
+Momentum = Annotated[float, Field(ge=0, lt=1)]
 WARMUP_MESSAGE = "warmup_epochs must be smaller than epochs"
 
 
@@ -220,9 +222,14 @@ class CamsParams(Runtime):
     structure-aware locating (soft IoU with the |cos| affinity of last-stage tokens; always used in training),
     ``cam`` the argmax of the CAM with its background ``1 - max`` (SIPE's ablation without structure-aware
     locating). On the synthetic benchmark ``cam`` measured better (docs/results_history.md, "V1 against V2").
+
+    ``score_split`` (``null`` = every image of ``split``) scores the seeds only on the images of ``split`` that
+    also belong to that split: VOC's protocol stores seeds for ``train_aug`` (what DeepLab trains on) and scores
+    them on the 1,464 ``train`` images with fine masks.
     """
 
     split: Literal["train", "train_aug", "val"] = "train"
+    score_split: Literal["train", "train_aug", "val"] | None = None
     scales: Annotated[tuple[PositiveFloat, ...], FROM_LIST, Field(min_length=1)] = (1.0, 0.5, 1.5, 2.0)
     flip: bool = True
     seed_locating: SeedLocating = "cam"
@@ -294,7 +301,10 @@ class AffinityNetParams(Section):
 
 
 class TrainAffParams(Schedule, AmpRuntime):
-    """AffinityNet training on affinity labels derived from the seeds (``train_aff``)."""
+    """AffinityNet training on affinity labels derived from the seeds (``train_aff``).
+
+    ``optimizer: sgd`` uses ``momentum`` (PSA's recipe); ``adamw`` ignores it.
+    """
 
     seed_map: SeedMapName = "cam"
     labels: AffinityLabelParams = AffinityLabelParams()
@@ -303,6 +313,8 @@ class TrainAffParams(Schedule, AmpRuntime):
     epochs: PositiveInt = 3
     batch_size: PositiveInt = 16
     warmup_epochs: WarmupEpochs = 0.5
+    optimizer: OptimizerName = "adamw"
+    momentum: Momentum = 0.9
     crop_size: Annotated[int, Field(ge=16)] = 96
     flip: bool = True
     label_workers: Annotated[int, Field(ge=0)] = 0
@@ -347,10 +359,10 @@ class TrainSegParams(Schedule, AmpRuntime):
     split: Literal["train", "train_aug"] = "train"
     epochs: PositiveInt = 8
     batch_size: Annotated[int, Field(ge=2)] = 16
-    optimizer: Literal["sgd", "adamw"] = "adamw"
+    optimizer: OptimizerName = "adamw"
     lr: PositiveFloat = 2e-3
     head_lr_mult: PositiveFloat = 1.0
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    momentum: Momentum = 0.9
     grad_clip: Annotated[float, Field(ge=0)] = 0.0
     crop_size: Annotated[int, Field(ge=16)] = 96
     scale_range: Annotated[tuple[PositiveFloat, PositiveFloat], FROM_LIST] = (0.5, 2.0)

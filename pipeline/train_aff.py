@@ -243,7 +243,7 @@ def train_affinity_net(
     task = training.Task(
         "train_aff",
         model,
-        torch.optim.AdamW(groups),
+        training.make_optimizer(cfg.optimizer, groups, cfg.momentum),
         AffinityTrainSet(data, ids, labels, cfg.crop_size, cfg.flip, mean, std, params.seed),
         _loss_step(model, run.device, cfg.amp, radius_offsets(cfg.radius)),
         save=lambda trained: _save_model(trained, params, seed_map, model_dir),

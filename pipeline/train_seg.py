@@ -71,9 +71,7 @@ def _meta(params: StageParams, data: PreparedDataset) -> dict[str, Any]:
 
 def _make_optimizer(cfg: TrainSegParams, model: Segmenter) -> torch.optim.Optimizer:
     groups = training.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups)
+    return training.make_optimizer(cfg.optimizer, groups, cfg.momentum)
 
 
 def train_segmenter(

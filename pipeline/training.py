@@ -73,6 +73,22 @@ def param_groups(model: nn.Module, new_modules: list[nn.Module], lr: float, head
     ]
 
 
+def make_optimizer(kind: str, groups: list, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """The optimiser of a training section's ``optimizer`` key over :func:`param_groups`' groups.
+
+    Args:
+        kind: ``adamw`` (torch defaults besides the groups' lr and weight decay) or ``sgd``.
+        groups: Parameter groups, each with its ``lr`` and ``weight_decay``.
+        momentum: SGD's momentum (ignored by AdamW).
+
+    Returns:
+        ``torch.optim.SGD`` or ``torch.optim.AdamW``.
+    """
+    if kind == "sgd":
+        return torch.optim.SGD(groups, momentum=momentum)
+    return torch.optim.AdamW(groups)
+
+
 def check_finite(value: torch.Tensor, step: int, name: str = "loss") -> None:
     """Stop with the step number when a loss is NaN or infinite.
 

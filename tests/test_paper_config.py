@@ -1,5 +1,5 @@
 """The paper configurations: they validate, ``dvc repro --dry`` lays out the full DAG on VOC data, and a tiny VOC
-fixture runs through ``prepare -> train_cls -> cams``."""
+fixture runs through ``prepare -> train_cls -> cams`` (seeds for train_aug scored on train as well)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, VENV_BIN, subprocess_env, tiny_params_dict, write_params
-from raw_fixtures import VOC_TRAIN, make_voc
+from raw_fixtures import VOC_TRAIN, VOC_TRAIN_AUG, make_voc
 from typer.testing import CliRunner
 
 from pipeline.config import SECTIONS, load_params
@@ -40,13 +40,37 @@ def test_paper_configs_validate(name):
     assert params.model.backbone == "swin_tiny_patch4_window7_224"
     assert params.model.pretrained == "swin_tiny_patch4_window7_224.ms_in1k"
     assert params.train_cls.crop_size == 224 and params.train_cls.batch_size == 16
-    assert params.cams.scales == (1.0, 0.5, 1.5, 2.0) and params.cams.split == "train"
+    assert params.cams.scales == (1.0, 0.5, 1.5, 2.0)
     assert params.data.dataset == name.split("_")[0]
+    assert params.train_seg.decoder_channels == 256, "DeepLab's ASPP/decoder width"
+    assert params.evaluate.crf_workers > 0, "the val CRF runs in parallel"
 
 
 def test_voc_paper_schedule():
     params = load_params(CONFIGS / "voc_paper.yaml")
     assert params.train_cls.epochs == 30 and params.data.root == "data/raw/voc"
+
+
+def test_voc_paper_follows_the_standard_protocol_without_overrides():
+    params = load_params(CONFIGS / "voc_paper.yaml")
+    # seeds for what DeepLab trains on, scored on the 1,464 train images with fine masks
+    assert params.cams.split == params.train_seg.split == "train_aug"
+    assert params.cams.score_split == "train"
+    assert params.evaluate.split == "val"
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_affinity_recipe_is_consistent(name):
+    # PSA's SGD learning rate belongs to SGD on an ImageNet-initialised backbone, not to AdamW from scratch
+    aff = load_params(CONFIGS / name).train_aff
+    assert aff.optimizer == "sgd" and aff.lr * aff.head_lr_mult <= 0.1 and aff.model.pretrained != "none"
+    assert aff.radius == 5 and aff.crop_size == 448 and aff.model.out_indices[0] == 2, "PSA: radius 5 at stride 8"
+
+
+def test_paper_deeplab_recipe_is_vainf_sgd():
+    for name in PAPER_CONFIGS:
+        seg = load_params(CONFIGS / name).train_seg
+        assert (seg.optimizer, seg.lr, seg.head_lr_mult, seg.momentum) == ("sgd", 1e-3, 10.0, 0.9), name
 
 
 def test_coco_paper_later_stages_follow_the_voc_recipe():
@@ -56,7 +80,8 @@ def test_coco_paper_later_stages_follow_the_voc_recipe():
     assert coco.refine.method == voc.refine.method == "psa_crf" and coco.refine.crf == voc.refine.crf
     for key in ("arch", "encoder", "encoder_weights", "optimizer", "lr", "schedule", "crop_size"):
         assert getattr(coco.train_seg, key) == getattr(voc.train_seg, key), key
-    assert coco.train_seg.split == "train" and coco.evaluate.split == "val"
+    assert coco.train_seg.split == coco.cams.split == "train" and coco.evaluate.split == "val"
+    assert coco.cams.score_split is None
     assert coco.evaluate.scales == voc.evaluate.scales and coco.evaluate.use_crf
     # about 100k DeepLab iterations over COCO train (82,081 images)
     assert 90_000 <= coco.train_seg.epochs * (82_081 // coco.train_seg.batch_size) <= 110_000
@@ -125,3 +150,24 @@ def test_tiny_voc_runs_prepare_train_cls_cams(tmp_path, monkeypatch):
     assert sorted(index["images"]) == sorted(VOC_TRAIN), "cams.split train: the official train list"
     metrics = json.loads(Path("rc/metrics.json").read_text())
     assert 0 <= metrics["cam"]["miou_best"] <= 1 and 0 <= metrics["rcam"]["miou_argmax"] <= 1
+
+    # the VOC protocol: seeds for train_aug, scored on train only -> same seed scores, more images stored
+    voc = {"dataset": "voc", "root": "raw"}
+    aug = write_params(
+        Path("aug.yaml"), tiny_params_dict(data=voc, cams={"split": "train_aug", "score_split": "train"})
+    )
+    command = ["cams", "--data", "data/prepared", "--model-dir", "models/cls", "--out", "data/cams_aug"]
+    command += ["--results", "ra"]
+    result = runner.invoke(app, [*command, "--params", str(aug)])
+    assert result.exit_code == 0, result.output
+    index = json.loads(Path("data/cams_aug/index.json").read_text())
+    assert sorted(index["images"]) == sorted(VOC_TRAIN_AUG)
+    scored = json.loads(Path("ra/metrics.json").read_text())
+    for name in ("cam", "rcam"):
+        for key in ("miou_argmax", "miou_best", "best_threshold"):
+            assert scored[name][key] == pytest.approx(metrics[name][key], abs=1e-6), f"{name}.{key}"
+
+    # a score split that shares no image with the split is refused in one line
+    val = write_params(Path("val.yaml"), tiny_params_dict(data=voc, cams={"score_split": "val"}))
+    result = runner.invoke(app, [*command, "--params", str(val)])
+    assert result.exit_code == 2 and "shares no image" in result.output

@@ -72,6 +72,12 @@ def test_with_background():
     assert_close(out[:, 1:], cam)
 
 
+def test_with_background_of_an_image_without_classes_is_all_background():
+    # an image without image-level labels (a VOC fixture image; cams on train_aug) crashed in amax before
+    out = with_background(torch.rand(1, 0, 5, 6))
+    assert out.shape == (1, 1, 5, 6) and bool((out == 1).all())
+
+
 def test_seeds_are_one_hot_or_zero_and_respect_label_mask():
     torch.manual_seed(0)
     cam = torch.rand(2, 4, 3, 3)

@@ -35,7 +35,12 @@ def max_norm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def with_background(cam: torch.Tensor) -> torch.Tensor:
-    """Prepend the background map ``1 - max_c M_c`` to max-normalised CAMs: (B, C, h, w) -> (B, C+1, h, w)."""
+    """Prepend the background map ``1 - max_c M_c`` to max-normalised CAMs: (B, C, h, w) -> (B, C+1, h, w).
+
+    With no class (C = 0: an image without image-level labels) the background is 1 everywhere.
+    """
+    if cam.shape[1] == 0:
+        return cam.new_ones(cam.shape[0], 1, *cam.shape[2:])  # (B, 1, h, w)
     return torch.cat([1.0 - cam.amax(dim=1, keepdim=True), cam], dim=1)
 
 

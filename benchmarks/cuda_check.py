@@ -1,0 +1,143 @@
+"""CUDA check: every stage of a tiny rehearsal on one GPU, with each stage's wall time and peak GPU memory.
+
+Takes a paper config (default ``configs/voc_paper.yaml``) and keeps its models, crop sizes, batch sizes, scales and
+CRF settings, but runs one epoch on a few synthetic images (the generator, at ``--image-size`` px: no dataset or
+download needed), with ``pretrained: none`` weights unless ``--pretrained`` (hubs may be unreachable). The stages
+run in this process, in DAG order, with the command lines of ``dvc.yaml``, so ``torch.cuda`` peak statistics
+can be read after each. Prints a Markdown table; exits with code 2 and one line when no CUDA device exists.
+
+Usage: python benchmarks/cuda_check.py [--params configs/coco_paper.yaml] [--images 32] [--image-size 448]
+                                       [--workdir DIR] [--pretrained]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING = ("train_cls", "train_aff", "train_seg")
+ON_DEVICE = (*TRAINING, "cams", "evaluate")
+
+
+def no_cuda_reason() -> str | None:
+    """Why CUDA cannot be used here, or ``None`` when a CUDA device is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no device (no GPU, no driver, or none visible)"
+
+
+def rehearsal_params(base: dict, images: int, image_size: int, device: str, pretrained: bool) -> dict:
+    """The paper config ``base`` shrunk to a rehearsal: synthetic images, one epoch, every model stage on ``device``.
+
+    Args:
+        base: A complete params mapping (a paper config).
+        images: Training images (at least the largest batch size).
+        image_size: Side of the synthetic images.
+        device: ``cuda`` (or ``cpu`` to try the script itself).
+        pretrained: Keep the config's pretrained weights (needs network or a warm cache).
+
+    Returns:
+        A complete params mapping.
+    """
+    raw = {name: dict(value) if isinstance(value, dict) else value for name, value in base.items()}
+    synthetic = {"num_train": images, "num_val": max(4, images // 4), "image_size": image_size}
+    raw["data"] |= {"dataset": "synthetic", "synthetic": synthetic}
+    for name in TRAINING:
+        raw[name] |= {"epochs": 1, "warmup_epochs": 0.0, "batch_size": min(raw[name].get("batch_size", 16), images)}
+    raw["train_seg"]["val_every"] = 1
+    for name in ON_DEVICE:
+        raw[name]["device"] = device
+    if not pretrained:
+        raw["model"]["pretrained"] = "none"
+        raw["train_aff"]["model"] = {**raw["train_aff"]["model"], "pretrained": "none"}
+        raw["train_seg"]["encoder_weights"] = "none"
+    return raw
+
+
+def stage_commands() -> dict[str, list[str]]:
+    """Each DVC stage's command line from ``dvc.yaml`` (without the leading ``wsss``), in DAG order."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: shlex.split(stage["cmd"])[1:] for name, stage in stages.items()}
+
+
+def run_stages(params: Path, workdir: Path, cuda: bool = True) -> list[tuple[str, float, float, float]]:
+    """Run every stage in ``workdir``; return ``(stage, seconds, peak allocated, peak reserved)`` (bytes, 0 off CUDA).
+
+    Raises:
+        SystemExit: With the stage's exit code when a stage fails.
+    """
+    import torch
+
+    from stages.cli import app
+
+    rows = []
+    home = Path.cwd()
+    os.chdir(workdir)
+    try:
+        for name, args in stage_commands().items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            code = app([*args, "--params", str(params)], standalone_mode=False)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            if code:
+                raise SystemExit(f"cuda_check: stage {name} failed with exit code {code}")
+            peaks = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else (0, 0)
+            rows.append((name, seconds, *peaks))
+            print(f"{name}: {seconds:.1f} s, peak {peaks[0] / 2**30:.2f} GiB allocated", file=sys.stderr, flush=True)
+    finally:
+        os.chdir(home)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=REPO / "configs" / "voc_paper.yaml")
+    parser.add_argument("--images", type=int, default=32, help="synthetic training images (>= the largest batch)")
+    parser.add_argument("--image-size", type=int, default=448, help="side of the synthetic images (VOC: ~500)")
+    parser.add_argument("--workdir", type=Path, help="keep the rehearsal here (default: a temporary directory)")
+    parser.add_argument("--pretrained", action="store_true", help="keep the config's pretrained weights")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: try this script without a GPU")
+    args = parser.parse_args()
+    reason = no_cuda_reason() if args.device == "cuda" else None
+    if reason is not None:
+        print(f"cuda_check: no CUDA device: {reason}. Run it on a machine with an NVIDIA GPU.", file=sys.stderr)
+        raise SystemExit(2)
+
+    import torch
+
+    from pipeline.config import parse_params, read_yaml
+
+    raw = rehearsal_params(read_yaml(args.params), args.images, args.image_size, args.device, args.pretrained)
+    parse_params(raw, args.params)  # a bad rehearsal config fails here, in one line
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = (args.workdir or Path(tmp)).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        params = workdir / "params.yaml"
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        rows = run_stages(params, workdir, cuda=args.device == "cuda")
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
+    print(f"\n{name}, {args.params.name}: {args.images} synthetic images of {args.image_size} px, one epoch\n")
+    print("| stage | wall time | peak GPU memory allocated | reserved |")
+    print("|---|---|---|---|")
+    for stage, seconds, allocated, reserved in rows:
+        print(f"| {stage} | {seconds:.1f} s | {allocated / 2**30:.2f} GiB | {reserved / 2**30:.2f} GiB |")
+    print(f"| total | {sum(r[1] for r in rows):.1f} s | {max(r[2] for r in rows) / 2**30:.2f} GiB | |")
+
+
+if __name__ == "__main__":
+    main()
