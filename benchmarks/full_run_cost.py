@@ -307,12 +307,11 @@ def measure_cams(spec: DatasetSpec, params, repeats: int) -> dict[str, float]:
     count = 8
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        writer = CamWriter(Path(tmp), shard_size=count)
-        for index in range(count):
-            writer.add(f"img{index}", keys, maps)
-        writer.close()
+        with CamWriter(Path(tmp) / "cams", shard_size=count) as writer:
+            for index in range(count):
+                writer.add(f"img{index}", keys, maps)
         out["shard_write_s"] = (time.perf_counter() - started) / count
-        out["shard_bytes"] = sum(p.stat().st_size for p in Path(tmp).glob("*.npz")) / count
+        out["shard_bytes"] = sum(p.stat().st_size for p in (Path(tmp) / "cams").glob("*.npz")) / count
     out["shard_raw_bytes"] = float(sum(a.size * 2 for a in maps.values()))  # float16 in memory before a flush
     return out
 

@@ -138,49 +138,49 @@ def generate_cams(
     model, meta = load_classifier(model_dir, device)
     mean, std = tuple(meta["mean"]), tuple(meta["std"])
     ids = data.split(params.split)
+    unlabelled = data.count_unlabelled(params.split, "cams")  # their maps hold the background channel only
     scored = scored_ids(data, params, ids)
     grid = threshold_grid(params.sweep.max, params.sweep.step)
     evaluators = {"cam": SeedEvaluator(data.num_classes, grid)}
     if model.version == "v2":
         evaluators["rcam"] = SeedEvaluator(data.num_classes, grid)
-    writer = CamWriter(cams_dir, params.shard_size)
     live = open_live(results_dir)
     gallery = 0
-
-    bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=None, mininterval=2)
-    for group, images in same_size_batches(ids, data.load_image, batch_size):
-        x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
-        labels = [data.labels[i] for i in group]
-        mask = present_class_mask(labels, data.num_classes, device)
-        cam, rcam = multiscale_maps(model, x, mask, params.scales, params.flip, params.seed_locating)
-        for row, image_id in enumerate(group):
-            keys = np.array([0, *labels[row]], dtype=np.int64)
-            fg = cam[row, keys[1:] - 1]  # (n, H, W)
-            maps = {"cam": with_background(fg[None])[0].cpu().numpy()}
-            if rcam is not None:
-                maps["rcam"] = rcam[row, keys].cpu().numpy()
-            writer.add(image_id, keys, maps)
-            score = scored is None or image_id in scored
-            gt = data.load_mask(image_id) if score or gallery < params.gallery_size else None
-            if score:
-                for name, evaluator in evaluators.items():
-                    evaluator.add(maps[name], keys, gt)
-            if gallery < params.gallery_size:
-                panel = cam_gallery_row(images[row], maps, gt, data.palette)
-                live.log_image(f"gallery/{gallery:02d}_{image_id}.png", Image.fromarray(panel))
-                gallery += 1
-        bar.update(len(group))
-    bar.close()
-    writer.close()
+    with CamWriter(cams_dir, params.shard_size) as writer:
+        bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=None, mininterval=2)
+        for group, images in same_size_batches(ids, data.load_image, batch_size):
+            x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
+            labels = [data.labels[i] for i in group]
+            mask = present_class_mask(labels, data.num_classes, device)
+            cam, rcam = multiscale_maps(model, x, mask, params.scales, params.flip, params.seed_locating)
+            for row, image_id in enumerate(group):
+                keys = np.array([0, *labels[row]], dtype=np.int64)
+                fg = cam[row, keys[1:] - 1]  # (n, H, W)
+                maps = {"cam": with_background(fg[None])[0].cpu().numpy()}
+                if rcam is not None:
+                    maps["rcam"] = rcam[row, keys].cpu().numpy()
+                writer.add(image_id, keys, maps)
+                score = scored is None or image_id in scored
+                gt = data.load_mask(image_id) if score or gallery < params.gallery_size else None
+                if score:
+                    for name, evaluator in evaluators.items():
+                        evaluator.add(maps[name], keys, gt)
+                if gallery < params.gallery_size:
+                    panel = cam_gallery_row(images[row], maps, gt, data.palette)
+                    live.log_image(f"gallery/{gallery:02d}_{image_id}.png", Image.fromarray(panel))
+                    gallery += 1
+            bar.update(len(group))
+        bar.close()
 
     headline = _log_seed_metrics(live, evaluators, data.class_names, grid)
+    live.log_metric("images_without_labels", unlabelled, plot=False)
     valset = ClassificationEvalSet(data, "val", meta["img_size"], mean, std)
     scores = evaluate_classifier(model, DataLoader(valset, batch_size=16), device, amp=True)
     for name, value in scores.items():
         live.log_metric(f"val/{name}", value, plot=False)
         headline[f"val/{name}"] = value
     live.end()
-    return headline
+    return headline | {"images_without_labels": unlabelled}
 
 
 def _log_seed_metrics(

@@ -15,12 +15,17 @@ import torch
 from torch import nn
 
 from pipeline.io import atomic_path
+from pipeline.outputs import remove_leftovers
 
 log = logging.getLogger(__name__)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically (tensors, numbers, strings and containers of them only)."""
+    """Write a checkpoint atomically (tensors, numbers, strings and containers of them only).
+
+    Temporaries that killed runs left beside it (full-size copies) are removed first.
+    """
+    remove_leftovers(path)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

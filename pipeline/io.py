@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.outputs import commit_point, fsync_path, remove_leftovers, replaced_dir, sibling
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+    """Yield a temporary path beside ``path``; ``fsync`` it and rename it onto ``path`` only if the block succeeds.
+
+    The temporary is named after ``path`` and this process (``.<name>.tmp-<pid>-*``), so that the next writer of
+    ``path`` can remove it if this process is killed (:func:`~pipeline.outputs.remove_leftovers`).
 
     Args:
         path: The final destination.
@@ -30,21 +34,20 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = sibling(path, "tmp", path.suffix)
     try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give artifacts the usual mode
+        yield tmp
+        fsync_path(tmp)
+        commit_point(path)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path | str, data: Any) -> None:
-    """Write ``data`` as indented JSON, atomically."""
+    """Write ``data`` as indented JSON, atomically (removing temporaries that killed writers left)."""
+    remove_leftovers(Path(path))
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -84,20 +87,33 @@ def save_image_png(path: Path | str, image: np.ndarray) -> None:
 
 
 class CamWriter:
-    """Write per-image CAM arrays into ``.npz`` shards plus ``index.json``.
+    """Write per-image CAM arrays into ``.npz`` shards plus ``index.json``, replacing ``directory`` whole.
 
     Each image stores ``keys`` (class ids of the channels, background = 0 first) and one or more float16
-    maps of shape (len(keys), H, W), e.g. ``cam`` and ``rcam``.
+    maps of shape (len(keys), H, W), e.g. ``cam`` and ``rcam``. A context manager: the shards go into a staging
+    directory (:func:`~pipeline.outputs.replaced_dir`) that replaces ``directory`` when the block ends without an
+    exception; otherwise ``directory`` keeps its old content.
     """
 
     def __init__(self, directory: Path | str, shard_size: int) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
         self._pending: dict[str, np.ndarray] = {}
         self._pending_ids: list[str] = []
         self._index: dict[str, str] = {}
         self._shards = 0
+        self._stack = contextlib.ExitStack()
+        self._staging = self.directory
+
+    def __enter__(self) -> CamWriter:
+        self._staging = self._stack.enter_context(replaced_dir(self.directory))
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is None:
+            self._flush()
+            write_json(self._staging / "index.json", {"format": "wsss-cams/1", "images": self._index})
+        self._stack.__exit__(kind, *rest)
 
     def add(self, image_id: str, keys: np.ndarray, maps: dict[str, np.ndarray]) -> None:
         """Queue one image's arrays; a shard is flushed every ``shard_size`` images."""
@@ -114,17 +130,12 @@ class CamWriter:
         if not self._pending_ids:
             return
         name = f"shard-{self._shards:05d}.npz"
-        with atomic_path(self.directory / name) as tmp:
+        with atomic_path(self._staging / name) as tmp:
             with open(tmp, "wb") as handle:
                 np.savez_compressed(handle, **self._pending)
         self._index.update(dict.fromkeys(self._pending_ids, name))
         self._shards += 1
         self._pending, self._pending_ids = {}, []
-
-    def close(self) -> None:
-        """Flush the last shard and write ``index.json``."""
-        self._flush()
-        write_json(self.directory / "index.json", {"format": "wsss-cams/1", "images": self._index})
 
 
 class CamStore:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -19,8 +21,22 @@ def resolve_workers(workers: int) -> int:
     return max(1, cores or 1)
 
 
-def _init(initializer: Callable[..., None] | None, initargs: tuple) -> None:
-    """Worker set-up: one compute thread (torch intra- and inter-op), then the caller's initializer."""
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere).
+
+    Args:
+        parent: The parent's pid when this process was made; if it is already gone, exit now.
+    """
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _init(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    """Worker set-up: die with the parent, one compute thread (torch intra- and inter-op), the caller's initializer."""
+    die_with_parent(parent)
     os.environ["OMP_NUM_THREADS"] = "1"  # for a torch imported later in this worker
     torch = sys.modules.get("torch")  # not imported here: the pool also serves torch-free stages (prepare)
     if torch is not None:
@@ -71,7 +87,7 @@ class OrderedPool:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
         self._executor = ProcessPoolExecutor(
-            self.processes, mp_context=context, initializer=_init, initargs=self._setup
+            self.processes, mp_context=context, initializer=_init, initargs=(os.getpid(), *self._setup)
         )
         return self
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from tqdm import tqdm
@@ -13,6 +12,7 @@ from pipeline.data.coco import prepare_coco
 from pipeline.data.layout import PreparedDataset, voc_palette, write_index
 from pipeline.data.voc import prepare_voc
 from pipeline.io import save_image_png, save_label_png
+from pipeline.outputs import replaced_dir
 from pipeline.parallel import map_ordered, resolve_workers
 
 
@@ -36,13 +36,11 @@ def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDatas
     Args:
         params: The ``data`` section (uses ``data.synthetic``).
         seed: The global seed; the images depend on it and on nothing else.
-        out: Output directory; replaced as a whole.
+        out: An empty output directory.
 
     Returns:
         The prepared dataset.
     """
-    if out.exists():
-        shutil.rmtree(out)
     (out / "images").mkdir(parents=True)
     (out / "masks").mkdir()
     names = synthetic.class_names()
@@ -75,7 +73,7 @@ def prepare(params: DataParams, seed: int, out: Path | str) -> PreparedDataset:
     Args:
         params: The ``data`` section.
         seed: The global seed.
-        out: Output directory.
+        out: Output directory; replaced whole when the dataset is complete (a failed run leaves the old one).
 
     Returns:
         The prepared dataset.
@@ -84,8 +82,11 @@ def prepare(params: DataParams, seed: int, out: Path | str) -> PreparedDataset:
         DatasetError: If the raw data of a real dataset is missing or broken (one line naming the file).
     """
     out = Path(out)
-    if params.dataset == "voc":
-        return prepare_voc(params.root, out, params.subset)
-    if params.dataset == "coco":
-        return prepare_coco(params.root, out, params.subset)
-    return prepare_synthetic(params, seed, out)
+    with replaced_dir(out) as staging:
+        if params.dataset == "voc":
+            prepare_voc(params.root, staging, params.subset)
+        elif params.dataset == "coco":
+            prepare_coco(params.root, staging, params.subset)
+        else:
+            prepare_synthetic(params, seed, staging)
+    return PreparedDataset.open(out)

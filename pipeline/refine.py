@@ -24,6 +24,7 @@ from pipeline.io import save_label_png
 from pipeline.live import open_live
 from pipeline.metrics import confusion_matrix, iou_report
 from pipeline.models.affinitynet import AffinityModel, load_affinity_model
+from pipeline.outputs import replaced_dir
 from pipeline.parallel import map_ordered, resolve_workers
 from pipeline.refinement.crf import dense_crf
 from pipeline.refinement.random_walk import walk_seed_scores
@@ -175,30 +176,27 @@ def refine_pseudo_labels(
             entry = store.load(image_id)
             yield data.load_image(image_id), entry[seed_map].astype(np.float32), entry["keys"].astype(np.int64)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     live = open_live(results_dir)
     live.log_params({"seed_map": seed_map, "workers": workers})
     scores = _Scores(data.num_classes)
     started = time.perf_counter()
     bar = tqdm(total=len(ids), desc=f"refine ({params.method})", unit="img", disable=None, mininterval=2)
-    for index, (image_id, label) in enumerate(zip(ids, pseudo_labels(jobs(), params, model_dir, workers), strict=True)):
-        save_label_png(out_dir / f"{image_id}.png", label, data.palette)
-        if data.mask_path(image_id).is_file():
-            entry = store.load(image_id)
-            seed = threshold_labels(entry[seed_map], entry["keys"], params.bg_threshold)
-            gt = data.load_mask(image_id)
-            scores.add(label, seed, gt)
-            if index < params.gallery_size:
-                row = label_gallery_row(data.load_image(image_id), [seed, label, gt], data.palette)
-                live.log_image(f"gallery/{index:02d}_{image_id}.png", Image.fromarray(row))
-        bar.update()
+    labels = zip(ids, pseudo_labels(jobs(), params, model_dir, workers), strict=True)
+    with replaced_dir(out_dir) as staging:
+        for index, (image_id, label) in enumerate(labels):
+            save_label_png(staging / f"{image_id}.png", label, data.palette)
+            if data.mask_path(image_id).is_file():
+                entry = store.load(image_id)
+                seed = threshold_labels(entry[seed_map], entry["keys"], params.bg_threshold)
+                gt = data.load_mask(image_id)
+                scores.add(label, seed, gt)
+                if index < params.gallery_size:
+                    row = label_gallery_row(data.load_image(image_id), [seed, label, gt], data.palette)
+                    live.log_image(f"gallery/{index:02d}_{image_id}.png", Image.fromarray(row))
+            bar.update()
     bar.close()
     log.info("refine: %d pseudo labels in %.1f s", len(ids), time.perf_counter() - started)
-    keep = set(ids)
-    for stale in out_dir.glob("*.png"):
-        if stale.stem not in keep:
-            stale.unlink()
-    metrics = scores.metrics(data.class_names)
+    metrics = scores.metrics(data.class_names) | {"images_without_labels": sum(not data.labels.get(i) for i in ids)}
     for name, value in metrics.items():
         live.log_metric(name, round(float(value), 5), plot=False)
     live.end()

@@ -56,9 +56,12 @@ def train_classifier(
 
     Raises:
         TrainingError: On a non-finite loss or an impossible device/batch set-up.
+        DatasetError: If no image of ``train_aug`` or ``val`` has a class label.
     """
     cfg = params.train_cls
     data = PreparedDataset.open(data_dir)
+    for split in ("train_aug", "val"):
+        data.count_unlabelled(split, "train_cls")
     batch_size = training.rehearsal_batch("train_cls", cfg.batch_size, len(data.split("train_aug")), params.data.subset)
     run = training.setup("train_cls", cfg.device, cfg.threads, params.seed, batch_size)
     mean, std = params.data.mean, params.data.std

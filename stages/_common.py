@@ -12,6 +12,7 @@ import typer
 
 from pipeline.config import StageParams, load_sections
 from pipeline.errors import UserError
+from pipeline.outputs import claimed
 
 EXIT_USAGE = 2
 
@@ -21,17 +22,18 @@ ParamsOption = Annotated[
 
 
 @contextlib.contextmanager
-def stage_params(path: Path, sections: tuple[str, ...]) -> Iterator[StageParams]:
-    """Configure logging, load a stage's params sections, and turn user errors into ``error: ...`` + exit 2.
+def stage_params(path: Path, sections: tuple[str, ...], outputs: tuple[Path, ...] = ()) -> Iterator[StageParams]:
+    """Configure logging, load a stage's params sections, lock its outputs; user errors -> ``error: ...`` + exit 2.
 
     Args:
         path: The params file.
         sections: The sections the stage reads (the same list as its ``params:`` in ``dvc.yaml``).
+        outputs: What the stage writes; a second run on any of them is refused while this one lives.
 
     Yields:
         The validated sections.
     """
-    with user_errors():
+    with user_errors(), claimed(outputs):
         yield load_sections(path, sections)
 
 

@@ -22,7 +22,7 @@ def main(
     """Generate seeds for the split in cams.split and evaluate them against the ground truth."""
     from pipeline.cams import generate_cams  # imported here: torch loads only when a stage runs
 
-    with stage_params(params, SECTIONS) as p:
+    with stage_params(params, SECTIONS, outputs=(out, results)) as p:
         metrics = generate_cams(p.cams, data, model_dir, out, results)
         typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 

@@ -23,7 +23,7 @@ def main(
     """Evaluate the model on evaluate.split against the ground-truth masks."""
     from pipeline.evaluate import evaluate_segmenter  # imported here: torch loads only when a stage runs
 
-    with stage_params(params, SECTIONS) as p:
+    with stage_params(params, SECTIONS, outputs=(results,)) as p:
         metrics = evaluate_segmenter(p.evaluate, data, model_dir, results)
         typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("/miou")))
 

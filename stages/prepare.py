@@ -19,7 +19,7 @@ def main(
     """Generate (synthetic) or convert the dataset into images, masks, split lists and labels."""
     from pipeline.prepare import prepare  # imported here: torch loads only when a stage runs
 
-    with stage_params(params, SECTIONS) as p:
+    with stage_params(params, SECTIONS, outputs=(out,)) as p:
         data = prepare(p.data, p.seed, out)
         counts = ", ".join(f"{s}={len(data.split(s))}" for s in ("train", "train_aug", "val"))
         typer.echo(f"prepared {data.info['dataset']} in {data.root}: {counts}")

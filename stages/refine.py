@@ -25,7 +25,7 @@ def main(
     """Turn the stored seeds into pseudo labels by refine.method and score them against the ground truth."""
     from pipeline.refine import refine_pseudo_labels  # imported here: torch loads only when a stage runs
 
-    with stage_params(params, SECTIONS) as p:
+    with stage_params(params, SECTIONS, outputs=(out, results)) as p:
         metrics = refine_pseudo_labels(p.refine, data, cams, aff_dir, out, results)
         typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/iou/" not in k))
 

@@ -25,7 +25,7 @@ def main(
     """Derive confident affinity labels from the seeds (two CRFs) and train the AffinityNet on them."""
     from pipeline.train_aff import train_affinity_net  # imported here: torch loads only when a stage runs
 
-    with stage_params(params, SECTIONS) as p:
+    with stage_params(params, SECTIONS, outputs=(model_dir, results, checkpoint)) as p:
         metrics = train_affinity_net(p, data, cams, model_dir, results, checkpoint)
         typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 

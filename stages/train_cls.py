@@ -24,7 +24,7 @@ def main(
     """Train on image-level labels; resumes from --checkpoint if it matches the configuration."""
     from pipeline.train_cls import train_classifier  # imported here: torch loads only when a stage runs
 
-    with stage_params(params, SECTIONS) as p:
+    with stage_params(params, SECTIONS, outputs=(model_dir, results, checkpoint)) as p:
         metrics = train_classifier(p, data, model_dir, results, checkpoint)
         if metrics:
             typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

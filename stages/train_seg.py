@@ -27,7 +27,7 @@ def main(
     """Train on the pseudo labels of train_seg.split; resumes from --checkpoint if it matches."""
     from pipeline.train_seg import train_segmenter  # imported here: torch loads only when a stage runs
 
-    with stage_params(params, SECTIONS) as p:
+    with stage_params(params, SECTIONS, outputs=(model_dir, results, checkpoint)) as p:
         metrics = train_segmenter(p, data, pseudo_labels, model_dir, results, checkpoint)
         if metrics:
             typer.echo(f"val mIoU={metrics['val/miou']:.4f}")

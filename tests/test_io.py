@@ -102,14 +102,13 @@ def make_maps(rng: np.random.Generator, num_keys: int) -> dict[str, np.ndarray]:
 
 def test_cam_store_round_trip_across_shards(tmp_path):
     rng = np.random.default_rng(0)
-    writer = CamWriter(tmp_path / "cams", shard_size=2)
     written = {}
-    for i in range(5):
-        keys = np.array([0, 1 + i % 3, 4 + i % 2])[: 2 + i % 2]
-        maps = make_maps(rng, len(keys))
-        writer.add(f"img_{i}", keys, maps)
-        written[f"img_{i}"] = (keys, maps)
-    writer.close()
+    with CamWriter(tmp_path / "cams", shard_size=2) as writer:
+        for i in range(5):
+            keys = np.array([0, 1 + i % 3, 4 + i % 2])[: 2 + i % 2]
+            maps = make_maps(rng, len(keys))
+            writer.add(f"img_{i}", keys, maps)
+            written[f"img_{i}"] = (keys, maps)
     assert len(list((tmp_path / "cams").glob("shard-*.npz"))) == 3
     assert not [p for p in (tmp_path / "cams").iterdir() if p.name.startswith(".")]
 
@@ -127,24 +126,23 @@ def test_cam_store_round_trip_across_shards(tmp_path):
 
 
 def test_cam_writer_single_shard_when_small(tmp_path):
-    writer = CamWriter(tmp_path, shard_size=10)
-    writer.add("a", np.array([0]), {"cam": np.ones((1, 2, 2))})
-    writer.close()
+    with CamWriter(tmp_path, shard_size=10) as writer:
+        writer.add("a", np.array([0]), {"cam": np.ones((1, 2, 2))})
     assert [p.name for p in tmp_path.glob("*.npz")] == ["shard-00000.npz"]
     assert read_json(tmp_path / "index.json")["images"] == {"a": "shard-00000.npz"}
 
 
 def test_cam_writer_rejects_duplicate_ids(tmp_path):
-    writer = CamWriter(tmp_path, shard_size=2)
-    maps = {"cam": np.zeros((2, 2, 2))}
-    writer.add("a", np.array([0, 1]), maps)
-    with pytest.raises(ValueError, match="'a'"):
-        writer.add("a", np.array([0, 1]), maps)  # still pending
-    writer.add("b", np.array([0, 1]), maps)  # flushes the shard
-    with pytest.raises(ValueError, match="'a'"):
-        writer.add("a", np.array([0, 1]), maps)  # already in a shard
-    with pytest.raises(ValueError):
-        writer.add("x/y", np.array([0, 1]), maps)
+    with CamWriter(tmp_path / "cams", shard_size=2) as writer:
+        maps = {"cam": np.zeros((2, 2, 2))}
+        writer.add("a", np.array([0, 1]), maps)
+        with pytest.raises(ValueError, match="'a'"):
+            writer.add("a", np.array([0, 1]), maps)  # still pending
+        writer.add("b", np.array([0, 1]), maps)  # flushes the shard
+        with pytest.raises(ValueError, match="'a'"):
+            writer.add("a", np.array([0, 1]), maps)  # already in a shard
+        with pytest.raises(ValueError):
+            writer.add("x/y", np.array([0, 1]), maps)
 
 
 def test_cam_store_missing_directory(tmp_path):

@@ -30,7 +30,6 @@ import contextlib
 import functools
 import io
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -159,11 +158,11 @@ def _convert_split(
 def prepare_coco(root: Path | str, out: Path, subset: int | None = None) -> PreparedDataset:
     """Convert COCO 2014 under ``root`` into the prepared layout in ``out``.
 
-    The raw layout is checked before ``out`` is touched.
+    The raw layout is checked before anything is written.
 
     Args:
         root: ``data.root``.
-        out: Output directory; replaced as a whole.
+        out: An empty output directory (``prepare`` swaps it in when complete).
         subset: ``data.subset``: keep the first N images of each split (only their masks are written); None = all.
 
     Returns:
@@ -187,8 +186,6 @@ def prepare_coco(root: Path | str, out: Path, subset: int | None = None) -> Prep
         label_of, split_names = category_labels(coco, ann_paths[split])
         if names is None:
             names = split_names
-            if out.exists():
-                shutil.rmtree(out)
         elif split_names != names:
             raise DatasetError(f"{ann_paths[split]}: categories differ from those of {ann_paths['val']}")
         ids, split_labels, split_files = _convert_split(

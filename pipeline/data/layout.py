@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,6 +32,8 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import DatasetError, UserError
 from pipeline.io import atomic_path, load_label_png, write_json
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "train_aug", "val")
 IGNORE = 255  # label value of pixels that are not scored (boundary bands, unlabelled objects)
@@ -169,6 +172,30 @@ class PreparedDataset:
             available = sorted(p.stem for p in (self.root / "splits").glob("*.txt"))
             raise DatasetError(f"split list {path} not found (available: {', '.join(available) or 'none'})")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+    def count_unlabelled(self, split: str, stage: str) -> int:
+        """Count the images of ``split`` without any class label (they train as all-negative and get no seeds).
+
+        Args:
+            split: The split a stage is about to read.
+            stage: The stage, for the message.
+
+        Returns:
+            How many images have no label (logged when some do).
+
+        Raises:
+            DatasetError: If no image of the split has a label (nothing to learn or score).
+        """
+        ids = self.split(split)
+        unlabelled = sum(1 for image_id in ids if not self.labels.get(image_id))
+        if ids and unlabelled == len(ids):
+            raise DatasetError(
+                f"no image of split {split!r} in {self.root} has a class label ({stage} has nothing to learn or "
+                "score; with VOC/COCO, check data.min_visible_pixels and the raw masks, then run 'prepare' again)"
+            )
+        if unlabelled:
+            log.info("%s: %d of %d images of %s have no class label", stage, unlabelled, len(ids), split)
+        return unlabelled
 
     @cached_property
     def image_root(self) -> Path:

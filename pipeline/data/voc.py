@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +122,11 @@ def _convert_image(item: tuple[str, str], voc_dir: Path, out: Path, palette: lis
 def prepare_voc(root: Path | str, out: Path, subset: int | None = None) -> PreparedDataset:
     """Convert VOC 2012 + SBD under ``root`` into the prepared layout in ``out``.
 
-    The raw layout is checked completely before ``out`` is touched.
+    The raw layout is checked completely before anything is written.
 
     Args:
         root: ``data.root``.
-        out: Output directory; replaced as a whole.
+        out: An empty output directory (``prepare`` swaps it in when complete).
         subset: ``data.subset``: keep the first N images of each split (only their masks are written); None = all.
 
     Returns:
@@ -144,8 +143,6 @@ def prepare_voc(root: Path | str, out: Path, subset: int | None = None) -> Prepa
     splits = cut_splits(full, subset)
     ids = sorted(set().union(*splits.values()))
     palette = voc_palette()
-    if out.exists():
-        shutil.rmtree(out)
     items = [(i, "SegmentationClass" if i in fine else "SegmentationClassAug") for i in ids]
     convert = functools.partial(_convert_image, voc_dir=voc_dir, out=out, palette=palette)
     labels = dict(zip(ids, process_map(convert, items, "prepare voc"), strict=True))

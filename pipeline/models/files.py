@@ -9,19 +9,19 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.errors import ModelError
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import read_json, write_json
+from pipeline.outputs import replaced_dir
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 
 
 def save_model_dir(model_dir: Path | str, module: torch.nn.Module, meta: dict[str, Any]) -> None:
-    """Write the module's state dict (contiguous CPU tensors) and ``meta``, each file atomically."""
-    model_dir = Path(model_dir)
+    """Write the module's state dict (contiguous CPU tensors) and ``meta``; the directory is replaced as one unit."""
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(model_dir / WEIGHTS) as tmp:
-        save_file(state, str(tmp))
-    write_json(model_dir / META, meta)
+    with replaced_dir(model_dir) as staging:
+        save_file(state, str(staging / WEIGHTS))
+        write_json(staging / META, meta)
 
 
 def read_model_dir(model_dir: Path | str, what: str, stage: str) -> tuple[Path, dict[str, Any]]:
