@@ -37,6 +37,7 @@ from pipeline.errors import UserError
 FAULT_ENV = "WSSS_FAULT_KILL_AT"
 FAULT_LOG_ENV = "WSSS_FAULT_LOG"
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>staging|old|tmp)-(?P<pid>\d+)-[0-9a-f]+(?:\..*)?")
+_MAIN_PID = os.getpid()
 _held: dict[Path, int] = {}
 _commits = 0
 
@@ -48,10 +49,13 @@ class OutputBusyError(UserError, RuntimeError):
 def commit_point(target: Path) -> None:
     """Count one commit (a rename onto ``target``) for the fault-injection hooks.
 
-    ``WSSS_FAULT_KILL_AT=N`` SIGKILLs this process just before its N-th commit; ``WSSS_FAULT_LOG=<file>`` appends
+    Only the process that imported this module counts (not its forked workers). ``WSSS_FAULT_KILL_AT=N``
+    SIGKILLs it just before its N-th commit; ``WSSS_FAULT_LOG=<file>`` appends
     each commit's target to a file (how a test finds the commit it wants to interrupt).
     """
     global _commits
+    if os.getpid() != _MAIN_PID:  # forked pool workers: only the stage's own process counts (and is killed)
+        return
     _commits += 1
     if os.environ.get(FAULT_LOG_ENV):
         with open(os.environ[FAULT_LOG_ENV], "a") as log:

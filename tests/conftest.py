@@ -133,16 +133,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str | Path, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """Run ``wsss <args>`` as ``python -m stages.cli`` in a subprocess and capture its output.
 
     ``cwd`` should be a temporary directory: the package is installed (editable), so it imports from anywhere,
-    and nothing a stage does can touch the repository's own DVC workspace.
+    and nothing a stage does can touch the repository's own DVC workspace. Keyword arguments are extra
+    environment variables.
     """
     return subprocess.run(
         [sys.executable, "-m", "stages.cli", *map(str, args)],
         cwd=cwd,
-        env=subprocess_env(),
+        env=subprocess_env(**env),
         capture_output=True,
         text=True,
         timeout=timeout,
