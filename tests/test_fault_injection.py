@@ -13,6 +13,7 @@ import hashlib
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def args_of(stage: str, root: Path) -> list[str | Path]:
 
 def snapshot(path: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under ``path`` (hidden ones too)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()}
+    files = (p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def check_prepared(path: Path) -> None:
@@ -126,6 +128,31 @@ def test_a_killed_stage_leaves_the_old_or_the_new_output(old_run, tmp_path, stag
     assert not [p.name for p in old_run.rglob(".*") if not p.name.startswith(".dvc")]
     shutil.rmtree(old_run / folder)
     shutil.copytree(backup, old_run / folder)  # the next case starts from the old outputs again
+
+
+HOLD = """
+import sys, time
+from pipeline.outputs import output_lock
+with output_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_lives(old_run):
+    before = snapshot(old_run / "cams")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(old_run / "cams")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        params = str(old_run / "params.yaml")
+        result = CliRunner().invoke(app, ["cams", "--params", params, *map(str, args_of("cams", old_run))])
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert f"pid {holder.pid}" in lines[0] and "another run" in lines[0]
+    assert snapshot(old_run / "cams") == before
 
 
 def test_a_full_file_system_ends_with_one_line_and_no_litter(tmp_path):
