@@ -21,7 +21,7 @@ from pipeline.refinement.affinity import (
     radius_offsets,
     shifted,
 )
-from pipeline.refinement.random_walk import random_walk, transition_matrix, walk_seed_scores
+from pipeline.refinement.random_walk import grid_walk, random_walk, transition_matrix, walk_seed_scores
 from pipeline.refinement.seeds import (
     choose_seed_map,
     seed_scores,
@@ -172,6 +172,22 @@ def test_transition_matrix_is_column_stochastic():
     t = transition_matrix(torch.rand(len(offsets), 3, 4), offsets, beta=2.0)
     assert t.shape == (12, 12)
     np.testing.assert_allclose(t.sum(0).numpy(), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("radius", [2, 3, 5])
+def test_grid_walk_equals_the_dense_transition_matrix_walk(radius):
+    torch.manual_seed(radius)
+    offsets = radius_offsets(radius)
+    affinity, seeds = torch.rand(len(offsets), 7, 11), torch.rand(3, 7, 11)
+    dense = random_walk(seeds.reshape(3, -1), transition_matrix(affinity, offsets, beta=4.0), steps=16)
+    np.testing.assert_allclose(grid_walk(seeds, affinity, offsets, 4.0, 16).reshape(3, -1), dense, atol=1e-5)
+
+
+def test_grid_walk_one_step_by_hand():
+    # a 1 x 3 grid, pairs (x, x+1) with affinities 1 and 0.5 (beta 1): A = [[1, 1, 0], [1, 1, .5], [0, .5, 1]],
+    # column sums 2, 2.5, 1.5; seeds (1, 0, 0) -> (1 / 2, 1 / 2.5, 0)
+    walked = grid_walk(torch.tensor([[[1.0, 0, 0]]]), torch.tensor([[[1.0, 0.5, 0.7]]]), [(0, 1)], 1.0, 1)
+    np.testing.assert_allclose(walked[0, 0].numpy(), [0.5, 0.4, 0.0], atol=1e-6)
 
 
 def test_walk_with_identity_affinity_leaves_seeds_unchanged():
