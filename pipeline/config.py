@@ -382,7 +382,8 @@ class EvaluateParams(AmpRuntime):
 
     The CRF runs on the multi-scale + flip probabilities of all classes (no image labels at test time); its
     defaults are AFA's test-time values for DeepLab-V3+ (Gaussian 3/3, bilateral 64/5/4, 10 iterations).
-    ``crf_workers`` > 0 runs it in that many worker processes.
+    It runs in ``crf_workers`` processes (0 = one per CPU core, 1 = in the main process), on the labels whose
+    probability reaches ``crf_min_prob`` somewhere in the image.
     """
 
     split: Literal["val", "train"] = "val"
@@ -395,6 +396,7 @@ class EvaluateParams(AmpRuntime):
         gauss_sxy=3.0, gauss_compat=3.0, bilateral_sxy=64.0, bilateral_srgb=5.0, bilateral_compat=4.0
     )
     crf_workers: Annotated[int, Field(ge=0)] = 0
+    crf_min_prob: Annotated[float, Field(ge=0, lt=1)] = 0.01
 
 
 class Params(Section):

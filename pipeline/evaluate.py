@@ -26,7 +26,7 @@ from pipeline.io import write_json
 from pipeline.live import open_live
 from pipeline.metrics import confusion_matrix, iou_report
 from pipeline.models.deeplab import load_segmenter, predict_probs
-from pipeline.parallel import OrderedPool
+from pipeline.parallel import OrderedPool, resolve_workers
 from pipeline.refinement.crf import dense_crf
 from pipeline.viz import confusion_image, label_gallery_row
 
@@ -52,15 +52,22 @@ class ConfusionSet:
         return out
 
 
-def crf_labels(image: np.ndarray, probs: np.ndarray, crf: dict[str, float]) -> np.ndarray:
-    """Dense CRF on (K, H, W) probabilities of a (H, W, 3) uint8 image -> (H, W) uint8 argmax labels."""
-    return dense_crf(image, probs, **crf).argmax(0).astype(np.uint8)
+def crf_labels(image: np.ndarray, probs: np.ndarray, crf: dict[str, float], min_prob: float = 0.0) -> np.ndarray:
+    """Dense CRF on the labels that matter: (K, H, W) probabilities of a (H, W, 3) uint8 image -> (H, W) uint8 labels.
+
+    Labels whose probability stays below ``min_prob`` at every pixel are left out of the CRF (its cost grows with the
+    number of labels: 21 on VOC, 81 on COCO, of which an image has a few); if none reaches it, all are kept.
+    """
+    keep = np.flatnonzero(probs.reshape(len(probs), -1).max(1) >= min_prob)  # (K',) label ids
+    if len(keep) == 0:
+        keep = np.arange(len(probs))
+    return keep[dense_crf(image, probs[keep], **crf).argmax(0)].astype(np.uint8)
 
 
-def _crf_job(job: tuple[str, np.ndarray, np.ndarray, dict[str, float]]) -> tuple[str, np.ndarray]:
-    """``(image id, (H, W, 3) uint8 image, (K, H, W) probs, CRF kwargs)`` -> ``(image id, (H, W) uint8 labels)``."""
-    image_id, image, probs, params = job
-    return image_id, crf_labels(image, probs, params)
+def _crf_job(job: tuple[str, np.ndarray, np.ndarray, dict[str, float], float]) -> tuple[str, np.ndarray]:
+    """``(image id, (H, W, 3) uint8 image, (K, H, W) probs, CRF kwargs, min prob)`` -> ``(id, (H, W) uint8 labels)``."""
+    image_id, image, probs, params, min_prob = job
+    return image_id, crf_labels(image, probs, params, min_prob)
 
 
 def _check_classes(meta: dict, data: PreparedDataset, model_dir: Path) -> None:
@@ -106,8 +113,9 @@ def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, 
                 panels[image_id].append(label)
 
     bar = tqdm(total=len(ids), desc=f"evaluate {params.split}", unit="img", disable=None, mininterval=2)
-    # at most 2 images per CRF worker in flight (crf_workers 0: the CRF runs here, image by image)
-    with OrderedPool(_crf_job, params.crf_workers if params.use_crf else 0, in_flight=2) as crf:
+    workers = resolve_workers(params.crf_workers) if params.use_crf else 0
+    # at most 2 images per CRF worker in flight (one worker: the CRF runs here, image by image)
+    with OrderedPool(_crf_job, workers if workers > 1 else 0, in_flight=2) as crf:
         for group, images in same_size_batches(ids, data.load_image, params.batch_size):
             x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
             single = predict_probs(model, x, (1.0,), False, params.amp).argmax(1).cpu().numpy()  # (B, H, W)
@@ -120,7 +128,7 @@ def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, 
                 if image_id in panels:
                     panels[image_id] += [images[row], single[row], multi[row]]
                 if params.use_crf:
-                    add_crf(crf.submit((image_id, images[row], probs[row], crf_args)))
+                    add_crf(crf.submit((image_id, images[row], probs[row], crf_args, params.crf_min_prob)))
             bar.update(len(group))
         add_crf(crf.drain())
     bar.close()

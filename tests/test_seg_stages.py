@@ -20,7 +20,7 @@ from pipeline import checkpoint
 from pipeline import evaluate as evaluate_module
 from pipeline.config import CrfParams, EvaluateParams, Params, load_sections
 from pipeline.data.layout import IGNORE, PreparedDataset
-from pipeline.evaluate import _crf_job, evaluate_segmenter
+from pipeline.evaluate import _crf_job, crf_labels, evaluate_segmenter
 from pipeline.io import save_label_png, write_json
 from pipeline.models.deeplab import build_segmenter, save_segmenter
 from pipeline.parallel import OrderedPool
@@ -227,11 +227,23 @@ def test_crf_in_worker_processes_matches_the_serial_crf():
     results = {}
     for workers in (0, 2):
         with OrderedPool(_crf_job, workers, in_flight=2) as pool:
-            done = [item for job in jobs for item in pool.submit((*job, params.model_dump()))] + pool.drain()
+            done = [item for job in jobs for item in pool.submit((*job, params.model_dump(), 0.0))] + pool.drain()
         results[workers] = done
     assert [key for key, _ in results[2]] == [key for key, *_ in jobs], "results come back in submission order"
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(results[0], results[2], strict=True))
     assert all(label.shape == (12, 10) and label.dtype == np.uint8 for _, label in results[0])
+
+
+def test_crf_leaves_out_labels_that_never_reach_min_prob_and_maps_ids_back():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (16, 20, 3), dtype=np.uint8)
+    probs = np.full((5, 16, 20), 1e-4, dtype=np.float32)  # labels 0, 2, 4 only matter
+    probs[0, :, :10], probs[2, :8, 10:], probs[4, 8:, 10:] = 0.9996, 0.9996, 0.9996
+    crf = CrfParams(bilateral_sxy=10, bilateral_srgb=20).model_dump()
+    pruned = crf_labels(image, probs, crf, min_prob=0.01)
+    assert set(np.unique(pruned)) == {0, 2, 4}, "label ids are the original ones, not positions among the kept"
+    np.testing.assert_array_equal(pruned, crf_labels(image, probs, crf))
+    np.testing.assert_array_equal(crf_labels(image, probs, crf, min_prob=0.9999), crf_labels(image, probs, crf))
 
 
 def test_evaluate_rejects_a_model_of_other_classes(tmp_path, monkeypatch):
