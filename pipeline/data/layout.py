@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.errors import DatasetError, UserError
+from pipeline.errors import DatasetError, UserError, one_line
 from pipeline.io import atomic_path, load_label_png, write_json
 
 SPLITS = ("train", "train_aug", "val")
@@ -87,14 +87,33 @@ def open_image(path: Path, what: str = "image") -> Iterator[Image.Image]:
         raise DatasetError(f"cannot read {what} {path}: {reason}") from None
 
 
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16-bit, 32-bit integer and float grey
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image as (H, W, 3) uint8 RGB; 16-bit, 32-bit and float grey are rescaled by their range, not clipped.
+
+    Grey of more than 8 bits maps its smallest finite value to 0 and its largest to 255 (linearly; a constant
+    image becomes 0): PIL's own conversion would clip it (a 16-bit image turns almost all white, a float one black).
+    """
+    if image.mode not in HIGH_DEPTH_MODES:
+        return np.asarray(image.convert("RGB")).copy()
+    values = np.asarray(image, dtype=np.float64)  # (H, W)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    scaled = (np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low) / max(high - low, 1e-12) * 255
+    grey = np.round(np.clip(scaled, 0, 255)).astype(np.uint8)  # (H, W)
+    return np.repeat(grey[:, :, None], 3, axis=2)  # (H, W, 3)
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB.
+    """Read an image file as (H, W, 3) uint8 RGB (high-bit-depth grey rescaled, see :func:`to_rgb`).
 
     Raises:
         DatasetError: If the file is missing or not a readable image (one line naming the file).
     """
     with open_image(path) as image:
-        return np.asarray(image.convert("RGB")).copy()
+        return to_rgb(image)
 
 
 @dataclass(frozen=True)
@@ -206,11 +225,26 @@ class PreparedDataset:
         return read_rgb(self.image_path(image_id))
 
     def load_mask(self, image_id: str) -> np.ndarray:
-        """Load a ground-truth mask as (H, W) uint8 class ids (255 = ignore)."""
+        """Load a ground-truth mask as (H, W) uint8 class ids (255 = ignore).
+
+        Raises:
+            DatasetError: If the mask is missing, unreadable, or holds a class id outside ``classes.json``.
+        """
         path = self.mask_path(image_id)
+        again = "run the 'prepare' stage again: `wsss prepare` or `dvc repro prepare`"
         if not path.is_file():
-            raise DatasetError(f"ground-truth mask not found: {path}")
-        return load_label_png(path)
+            raise DatasetError(f"ground-truth mask not found: {path} ({again})")
+        try:
+            mask = load_label_png(path)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DatasetError(f"cannot read ground-truth mask {path}: {one_line(exc)} ({again})") from None
+        bad = np.unique(mask[(mask >= self.num_classes) & (mask != IGNORE)])
+        if bad.size:
+            raise DatasetError(
+                f"ground-truth mask {path} holds class id {int(bad[0])}, but {self.root / 'classes.json'} lists "
+                f"0..{self.num_classes - 1} (and {IGNORE} = ignore); {again}"
+            )
+        return mask
 
     def label_vector(self, image_id: str) -> np.ndarray:
         """Image-level labels as a (C,) float32 multi-hot vector over the foreground classes."""
