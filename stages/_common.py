@@ -90,11 +90,20 @@ def user_errors() -> Iterator[None]:
     except OSError as exc:
         _exit(exc, describe_os_error(exc), EXIT_ENVIRONMENT)
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, the traceback behind --debug
-        message = (
-            f"unexpected {type(exc).__name__}: {one_line(exc)} (probably a bug: run again with `wsss --debug ...` "
-            f"or {DEBUG_ENV}=1 and report the traceback)"
+        _exit(exc, describe_unexpected(exc), EXIT_ENVIRONMENT)
+
+
+def describe_unexpected(exc: Exception) -> str:
+    """One line for an exception the code did not anticipate: out of memory, or probably a bug."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError too
+        return (
+            f"out of memory ({type(exc).__name__}: {one_line(exc)}): lower the batch size, the image size or the "
+            "number of workers, or use a machine with more memory"
         )
-        _exit(exc, message, EXIT_ENVIRONMENT)
+    return (
+        f"unexpected {type(exc).__name__}: {one_line(exc)} (probably a bug: run again with `wsss --debug ...` "
+        f"or {DEBUG_ENV}=1 and report the traceback)"
+    )
 
 
 def _exit(exc: BaseException, message: str, code: int) -> None:

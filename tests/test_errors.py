@@ -403,14 +403,16 @@ def test_high_bit_depth_images_are_rescaled_by_their_range(tmp_path, mode, value
     assert rgb[..., 0].tolist() == [[0, 51, 255]] and (rgb == rgb[..., :1]).all()
 
 
-def test_predict_writes_a_16_bit_grey_image(tmp_path, seg_model):
+def test_predict_rescales_a_16_bit_grey_image(tmp_path, seg_model, monkeypatch):
     path = tmp_path / "deep.png"
-    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(path)
+    Image.fromarray(np.array([[40000, 40100, 40500, 41000]] * 4, np.uint16)).save(path)  # clipped: all white
     assert Image.open(path).mode == "I;16"
-    result = invoke("predict", path, "--out", tmp_path / "out", "--model-dir", seg_model)
-    assert result.exit_code == 0, result.output
-    overlay = np.asarray(Image.open(tmp_path / "out" / "deep_overlay.jpg"))
-    assert overlay.shape == (8, 8, 3) and overlay.std() > 10, "the rescaled image shows through the overlay"
+    seen = []
+    monkeypatch.setattr("pipeline.predict.overlay", lambda image, *args: seen.append(image) or image)
+    report = predict_images([path], tmp_path / "out", seg_model, device_name="cpu")
+    assert report.written == [tmp_path / "out" / "deep.png"]
+    # (v - 40000) / 1000 * 255: 0, 25.5 -> 26 (rounded), 127.5 -> 128, 255
+    assert seen[0].shape == (4, 4, 3) and seen[0][0, :, 0].tolist() == [0, 26, 128, 255]
 
 
 # --- OS errors, unexpected errors and --debug ---------------------------------------------------------------
@@ -451,6 +453,15 @@ def test_unexpected_error_is_one_line_pointing_at_debug(tmp_path, image, monkeyp
     monkeypatch.setattr("pipeline.predict.predict_images", fail)
     line = one_error_line(invoke("predict", image, "--out", tmp_path / "out"), exit_code=1)
     assert "EOFError" in line and "--debug" in line and "WSSS_DEBUG=1" in line, line
+
+
+def test_out_of_memory_is_one_line_with_a_hint(tmp_path, image, monkeypatch):
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr("pipeline.predict.predict_images", fail)
+    line = one_error_line(invoke("predict", image, "--out", tmp_path / "out"), exit_code=1)
+    assert line.startswith("error: out of memory (OutOfMemoryError: CUDA out of memory.") and "batch size" in line
 
 
 @pytest.mark.parametrize("how", ["option", "env"])
