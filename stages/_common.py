@@ -83,8 +83,8 @@ def user_errors() -> Iterator[None]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         yield
-    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-        raise
+    except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise  # a deliberate exit, already reported
     except UserError as exc:
         _exit(exc, one_line(exc), EXIT_USAGE)
     except OSError as exc:

@@ -373,7 +373,7 @@ def test_predict_skips_a_decompression_bomb_and_goes_on(tmp_path, seg_model):
     assert (tmp_path / "out" / "b_small.png").is_file(), "the image after the huge one is still predicted"
     warned = [line for line in result.stderr.splitlines() if str(folder / "a_huge.png") in line]
     assert len(warned) == 1 and "30000x30000" in warned[0] and "--max-pixels" in warned[0], result.stderr
-    assert "skipped 1 image(s) above --max-pixels" in result.stderr
+    assert error_lines(result.stderr)[-1] == "error: skipped 1 image(s) above --max-pixels 50000000 (see above)"
 
 
 def test_predict_pixel_limit_is_an_option(tmp_path, seg_model):
@@ -472,6 +472,18 @@ def test_debug_shows_the_traceback(tmp_path, image, monkeypatch, how):
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "in fail" in result.stderr, result.stderr
     assert error_lines(result.stderr)[-1].startswith("error: /data/out/shard-00001.npz: ")
+
+
+def test_a_deliberate_exit_inside_the_wrapper_keeps_its_code(tmp_path, monkeypatch):
+    # compare exits 1 after its report when some runs failed: that is not an unexpected error
+    monkeypatch.setattr("pipeline.compare.load_grid", lambda path: object())
+    monkeypatch.setattr("pipeline.compare.run_grid", lambda grid, echo: ["v1/seed0"])
+    monkeypatch.setattr("pipeline.compare.dvc_json", lambda *args: {})
+    monkeypatch.setattr("pipeline.compare.experiments", lambda shown: {})
+    monkeypatch.setattr("pipeline.compare.collect", lambda grid, found: {})
+    monkeypatch.setattr("pipeline.compare.write_report", lambda grid, values, out: "the table")
+    result = invoke("compare", tmp_path / "grid.yaml", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and error_lines(result.stderr) == ["error: 1 run(s) failed: v1/seed0"], result.stderr
 
 
 def test_every_command_runs_inside_the_error_wrapper():
