@@ -295,6 +295,14 @@ def test_out_of_range_ground_truth_mask_is_one_line(workspace, tmp_path):
     assert str(mask) in message and "40" in message and "'prepare'" in message, message
 
 
+@pytest.mark.parametrize("name", ["classes.json", "cls_labels.json"])
+def test_damaged_dataset_index_is_one_line(workspace, tmp_path, name):
+    data, _ = _masked_copy(workspace, tmp_path)
+    (data.root / name).write_text("{ not json")
+    line = one_error_line(run_cams(workspace, tmp_path, workspace / "cls", data=data.root))
+    assert str(data.root / name) in line and "'prepare'" in line, line
+
+
 # --- params the code cannot build ---------------------------------------------------------------------------
 
 

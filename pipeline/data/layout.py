@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -152,10 +153,21 @@ class PreparedDataset:
             )
         return data
 
+    def _read_index(self, name: str, kind: type) -> Any:
+        """Read one of the JSON index files ``prepare`` writes; a damaged one is a one-line :class:`DatasetError`."""
+        path = self.root / name
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise DatasetError(f"cannot read {path}: {one_line(exc)} (run the 'prepare' stage again)") from None
+        if not isinstance(value, kind):
+            raise DatasetError(f"{path} is not a JSON {kind.__name__} (run the 'prepare' stage again)")
+        return value
+
     @cached_property
     def info(self) -> dict:
         """The contents of ``classes.json``."""
-        return json.loads((self.root / "classes.json").read_text())
+        return self._read_index("classes.json", dict)
 
     @property
     def class_names(self) -> list[str]:
@@ -175,7 +187,7 @@ class PreparedDataset:
     @cached_property
     def labels(self) -> dict[str, list[int]]:
         """Image-level labels: present class ids (1..C) per image id."""
-        return json.loads((self.root / "cls_labels.json").read_text())
+        return self._read_index("cls_labels.json", dict)
 
     def split(self, name: str) -> list[str]:
         """Image ids of a split.
@@ -198,7 +210,7 @@ class PreparedDataset:
     def image_files(self) -> dict[str, str] | None:
         """Image paths relative to :attr:`image_root` per image id, if the layout lists them."""
         path = self.root / "image_files.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self._read_index(path.name, dict) if path.is_file() else None
 
     def image_path(self, image_id: str) -> Path:
         """Path of an image file.
