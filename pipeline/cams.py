@@ -21,6 +21,7 @@ from pipeline.errors import DatasetError
 from pipeline.io import CamWriter
 from pipeline.live import open_live
 from pipeline.metrics import SeedEvaluator, iou_report, threshold_grid
+from pipeline.models.files import check_classes
 from pipeline.models.swtformer import (
     Features,
     SWTformer,
@@ -136,6 +137,7 @@ def generate_cams(
     device = runtime.resolve_device(params.device)
     runtime.set_threads(params.threads)
     model, meta = load_classifier(model_dir, device)
+    check_classes(meta, model_dir, data.root, data.class_names)
     mean, std = tuple(meta["mean"]), tuple(meta["std"])
     ids = data.split(params.split)
     unlabelled = data.count_unlabelled(params.split, "cams")  # their maps hold the background channel only

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.errors import CheckpointError, one_line
 from pipeline.io import atomic_path
 from pipeline.outputs import remove_leftovers
 
@@ -30,11 +31,30 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "config_digest")
+
+
+def unusable(path: Path, why: str) -> CheckpointError:
+    """The one-line error for a checkpoint that cannot be resumed, with the two ways out."""
+    return CheckpointError(
+        f"checkpoint {path} {why}: delete it to train from scratch, or pass --checkpoint with another path"
+    )
+
+
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """Load a checkpoint with ``weights_only=True``; ``None`` if there is none."""
+    """Load a checkpoint with ``weights_only=True``; ``None`` if there is none.
+
+    Raises:
+        CheckpointError: If the file is empty, truncated, or not a checkpoint (one line: delete it or move it).
+    """
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if path.stat().st_size == 0:
+        raise unusable(path, "is empty (0 bytes; a run killed while writing it?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - EOFError, UnpicklingError, RuntimeError (zip), ...: all one cause
+        raise unusable(path, f"cannot be read ({type(exc).__name__}: truncated or not a checkpoint)") from None
 
 
 @dataclass
@@ -66,15 +86,24 @@ def resume(path: Path, digest: str, trainables: Trainables) -> dict[str, Any] | 
 
     Returns:
         The checkpoint (``epoch``, ``history`` and any extras), or ``None`` when training starts fresh.
+
+    Raises:
+        CheckpointError: If the file is not a checkpoint this version can resume (empty, truncated, old format).
     """
     state = load_checkpoint(path)
     if state is None:
         return None
+    missing = [key for key in RESUME_KEYS if key not in state] if isinstance(state, dict) else ["model"]
+    if missing:
+        raise unusable(path, f"is not a checkpoint of this version (no '{missing[0]}'; an older format?)")
     if state["config_digest"] != digest:
         log.warning("checkpoint %s was made with another configuration; starting fresh", path)
         return None
-    trainables.load_state_dict(state)
-    set_rng_state(state["rng"])
+    try:
+        trainables.load_state_dict(state)
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise unusable(path, f"does not fit this run ({one_line(exc)})") from None
     log.info("resuming from %s at epoch %d", path, state["epoch"])
     return state
 

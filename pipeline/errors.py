@@ -25,6 +25,10 @@ class SegModelError(UserError, ValueError):
     """A segmentation model that cannot be built or loaded."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A resumable checkpoint that cannot be read or resumed (the message says to delete it or pass another path)."""
+
+
 class DownloadError(UserError, ValueError):
     """A download that failed or did not verify."""
 

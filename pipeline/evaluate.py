@@ -21,11 +21,11 @@ from pipeline import runtime
 from pipeline.config import EvaluateParams
 from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
-from pipeline.errors import DatasetError
 from pipeline.io import write_json
 from pipeline.live import open_live
 from pipeline.metrics import confusion_matrix, iou_report
 from pipeline.models.deeplab import load_segmenter, predict_probs
+from pipeline.models.files import check_classes
 from pipeline.parallel import OrderedPool, resolve_workers
 from pipeline.refinement.crf import dense_crf
 from pipeline.viz import confusion_image, label_gallery_row
@@ -70,14 +70,6 @@ def _crf_job(job: tuple[str, np.ndarray, np.ndarray, dict[str, float], float]) -
     return image_id, crf_labels(image, probs, params, min_prob)
 
 
-def _check_classes(meta: dict, data: PreparedDataset, model_dir: Path) -> None:
-    if list(meta["class_names"]) != data.class_names:
-        raise DatasetError(
-            f"{model_dir / 'meta.json'} was trained on classes {meta['class_names']}, "
-            f"but {data.root / 'classes.json'} lists {data.class_names}"
-        )
-
-
 def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, results_dir: Path) -> dict[str, float]:
     """Evaluate the model on ``evaluate.split`` and write metrics, confusion matrices and a gallery.
 
@@ -92,13 +84,14 @@ def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, 
 
     Raises:
         SegModelError: If the model is missing.
-        DatasetError: If the data is missing or its classes differ from the model's.
+        DatasetError: If the data is missing.
+        ModelError: If the model's classes differ from the data's.
     """
     data = PreparedDataset.open(data_dir)
     device = runtime.resolve_device(params.device)
     runtime.set_threads(params.threads)
     model, meta = load_segmenter(model_dir, device)
-    _check_classes(meta, data, model_dir)
+    check_classes(meta, model_dir, data.root, data.class_names)
     mean, std, names = tuple(meta["mean"]), tuple(meta["std"]), data.class_names
     live = open_live(results_dir)
     ids = data.split(params.split)

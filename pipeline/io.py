@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import DatasetError, one_line
 from pipeline.outputs import commit_point, fsync_path, remove_leftovers, replaced_dir, sibling
 
 
@@ -53,8 +56,12 @@ def write_json(path: Path | str, data: Any) -> None:
 
 
 def read_json(path: Path | str) -> Any:
-    """Read a JSON file."""
-    return json.loads(Path(path).read_text())
+    """Read a JSON file.
+
+    Raises:
+        ValueError: If it is not UTF-8 JSON (a ``json.JSONDecodeError`` or ``UnicodeDecodeError``).
+    """
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def save_label_png(path: Path | str, label: np.ndarray, palette: list[list[int]] | list[tuple]) -> None:
@@ -139,14 +146,29 @@ class CamWriter:
 
 
 class CamStore:
-    """Read-only access to a directory written by :class:`CamWriter`."""
+    """Read-only access to a directory written by :class:`CamWriter`.
+
+    A store that is missing, not written by :class:`CamWriter`, or damaged (a truncated or garbage shard, an
+    ``index.json`` that names a missing shard) raises :class:`DatasetError` naming the file and the stage to re-run.
+    """
+
+    AGAIN = "run the 'cams' stage again: `wsss cams` or `dvc repro cams`"
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
         index_path = self.directory / "index.json"
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path} not found (run the 'cams' stage first)")
-        self._index: dict[str, str] = read_json(index_path)["images"]
+        try:
+            index = read_json(index_path)
+        except ValueError as exc:  # JSON syntax or encoding
+            raise DatasetError(f"cannot read the CAM index {index_path}: {exc} ({self.AGAIN})") from None
+        images = index.get("images") if isinstance(index, dict) else None
+        if not isinstance(images, dict) or not all(isinstance(v, str) and "/" not in v for v in images.values()):
+            raise DatasetError(
+                f"{index_path} is not a CAM index (no 'images' mapping of image ids to shard names; {self.AGAIN})"
+            )
+        self._index: dict[str, str] = images
         self._open: tuple[str, Any] | None = None
 
     @property
@@ -155,10 +177,28 @@ class CamStore:
         return list(self._index)
 
     def load(self, image_id: str) -> dict[str, np.ndarray]:
-        """Return ``{"keys": ..., <map name>: ...}`` for one image (maps as float16)."""
-        shard = self._index[image_id]
-        if self._open is None or self._open[0] != shard:
-            self._open = (shard, np.load(self.directory / shard, allow_pickle=False))
-        archive = self._open[1]
+        """Return ``{"keys": ..., <map name>: ...}`` for one image (maps as float16).
+
+        Raises:
+            DatasetError: If the image is not in the store, or its shard is missing or damaged.
+        """
+        if image_id not in self._index:
+            raise DatasetError(f"image {image_id!r} is not in {self.directory / 'index.json'} ({self.AGAIN})")
+        shard = self.directory / self._index[image_id]
         prefix = f"{image_id}/"
-        return {name[len(prefix) :]: archive[name] for name in archive.files if name.startswith(prefix)}
+        try:
+            if self._open is None or self._open[0] != shard.name:
+                self._open = (shard.name, np.load(shard, allow_pickle=False))
+            archive = self._open[1]
+            maps = {name[len(prefix) :]: archive[name] for name in archive.files if name.startswith(prefix)}
+        except FileNotFoundError:
+            raise DatasetError(f"CAM shard {shard} is missing, but index.json lists it ({self.AGAIN})") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            self._open = None
+            reason = "not a CAM shard" if "pickled" in str(exc) else one_line(exc)
+            raise DatasetError(
+                f"cannot read CAM shard {shard}: {reason} (truncated or corrupt; {self.AGAIN})"
+            ) from None
+        if "keys" not in maps:
+            raise DatasetError(f"CAM shard {shard} holds no arrays of image {image_id!r} ({self.AGAIN})")
+        return maps

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from stages import (
@@ -17,12 +19,30 @@ from stages import (
     train_cls,
     train_seg,
 )
+from stages._common import DEBUG_ENV, set_debug
 
 app = typer.Typer(
     help="Weakly supervised semantic segmentation: image-level labels -> seeds -> segmentation model.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help=f"On an error, print the full traceback (for bug reports) before the one-line message; "
+            f"{DEBUG_ENV}=1 does the same.",
+        ),
+    ] = False,
+) -> None:
+    """Weakly supervised semantic segmentation: image-level labels -> seeds -> segmentation model."""
+    set_debug(debug)
+
+
 STAGES = {
     "prepare": prepare,
     "train_cls": train_cls,

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
-import logging
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pipeline.errors import UserError
-from stages._common import EXIT_USAGE
+from stages._common import user_errors
 
 EXIT_FAILED_INPUTS = 1
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 def _error(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
+
+
+def _warning(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def _check_options(out: Path, scales: list[float], device: str) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r}: must be auto, cpu or cuda")
+    bad = [s for s in scales if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise UserError(f"--scales {bad[0]}: every scale must be a positive finite number (e.g. --scales 1.0)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder (name a folder, new or existing)")
 
 
 def main(
@@ -26,23 +41,34 @@ def main(
     flip: Annotated[bool, typer.Option(help="Also average horizontally flipped passes.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[int, typer.Option(help="Torch threads (0 = default).")] = 0,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Images with more pixels (width x height) are named and skipped.")
+    ] = DEFAULT_MAX_PIXELS,
 ) -> None:
-    """Write a palette PNG and an overlay per image; unreadable images are reported and skipped (exit 1)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if device not in ("auto", "cpu", "cuda") or any(s <= 0 for s in scales):
-        _error("--device must be auto, cpu or cuda and --scales positive")
-        raise typer.Exit(EXIT_USAGE)
-    from pipeline.predict import predict_images  # imported here: torch loads only when the command runs
+    """Write a palette PNG and an overlay per image; unreadable or too large images are named and skipped (exit 1)."""
+    with user_errors():
+        _check_options(out, scales, device)
+        from pipeline.predict import predict_images  # imported here: torch loads only when the command runs
 
-    try:
-        report = predict_images(images, out, model_dir, tuple(scales), flip, device, threads, on_error=_error)
-    except UserError as exc:
-        _error(str(exc))
-        raise typer.Exit(EXIT_USAGE) from None
-    typer.echo(f"wrote {len(report.written)} predictions to {out}")
-    if report.failures:
-        _error(f"{len(report.failures)} input(s) could not be read (see above)")
-        raise typer.Exit(EXIT_FAILED_INPUTS)
+        report = predict_images(
+            images,
+            out,
+            model_dir,
+            tuple(scales),
+            flip,
+            device,
+            threads,
+            on_error=_error,
+            max_pixels=max_pixels,
+            on_skip=_warning,
+        )
+        typer.echo(f"wrote {len(report.written)} predictions to {out}")
+        if report.skipped:
+            _error(f"skipped {len(report.skipped)} image(s) above --max-pixels {max_pixels} (see above)")
+        if report.failures:
+            _error(f"{len(report.failures)} input(s) could not be read (see above)")
+        if report.skipped or report.failures:
+            raise typer.Exit(EXIT_FAILED_INPUTS)
 
 
 if __name__ == "__main__":

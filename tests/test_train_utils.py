@@ -1,11 +1,9 @@
-import pickle
-
 import pytest
 import torch
 from torch import nn
 
 from pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pipeline.errors import TrainingError
+from pipeline.errors import CheckpointError, TrainingError
 from pipeline.runtime import Dist, resolve_device
 from pipeline.training import (
     Recipe,
@@ -164,7 +162,7 @@ class Arbitrary:
 def test_load_checkpoint_is_weights_only(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"thing": Arbitrary()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match=r"cannot be read \(UnpicklingError"):  # refused, never unpickled
         load_checkpoint(path)
 
 

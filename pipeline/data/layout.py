@@ -26,11 +26,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.errors import DatasetError, UserError
+from pipeline.errors import DatasetError, UserError, one_line
 from pipeline.io import atomic_path, load_label_png, write_json
 
 log = logging.getLogger(__name__)
@@ -90,14 +91,33 @@ def open_image(path: Path, what: str = "image") -> Iterator[Image.Image]:
         raise DatasetError(f"cannot read {what} {path}: {reason}") from None
 
 
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16-bit, 32-bit integer and float grey
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image as (H, W, 3) uint8 RGB; 16-bit, 32-bit and float grey are rescaled by their range, not clipped.
+
+    Grey of more than 8 bits maps its smallest finite value to 0 and its largest to 255 (linearly; a constant
+    image becomes 0): PIL's own conversion would clip it (a 16-bit image turns almost all white, a float one black).
+    """
+    if image.mode not in HIGH_DEPTH_MODES:
+        return np.asarray(image.convert("RGB")).copy()
+    values = np.asarray(image, dtype=np.float64)  # (H, W)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    scaled = (np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low) / max(high - low, 1e-12) * 255
+    grey = np.round(np.clip(scaled, 0, 255)).astype(np.uint8)  # (H, W)
+    return np.repeat(grey[:, :, None], 3, axis=2)  # (H, W, 3)
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB.
+    """Read an image file as (H, W, 3) uint8 RGB (high-bit-depth grey rescaled, see :func:`to_rgb`).
 
     Raises:
         DatasetError: If the file is missing or not a readable image (one line naming the file).
     """
     with open_image(path) as image:
-        return np.asarray(image.convert("RGB")).copy()
+        return to_rgb(image)
 
 
 @dataclass(frozen=True)
@@ -136,10 +156,21 @@ class PreparedDataset:
             )
         return data
 
+    def _read_index(self, name: str, kind: type) -> Any:
+        """Read one of the JSON index files ``prepare`` writes; a damaged one is a one-line :class:`DatasetError`."""
+        path = self.root / name
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise DatasetError(f"cannot read {path}: {one_line(exc)} (run the 'prepare' stage again)") from None
+        if not isinstance(value, kind):
+            raise DatasetError(f"{path} is not a JSON {kind.__name__} (run the 'prepare' stage again)")
+        return value
+
     @cached_property
     def info(self) -> dict:
         """The contents of ``classes.json``."""
-        return json.loads((self.root / "classes.json").read_text())
+        return self._read_index("classes.json", dict)
 
     @property
     def class_names(self) -> list[str]:
@@ -159,7 +190,7 @@ class PreparedDataset:
     @cached_property
     def labels(self) -> dict[str, list[int]]:
         """Image-level labels: present class ids (1..C) per image id."""
-        return json.loads((self.root / "cls_labels.json").read_text())
+        return self._read_index("cls_labels.json", dict)
 
     def split(self, name: str) -> list[str]:
         """Image ids of a split.
@@ -206,7 +237,7 @@ class PreparedDataset:
     def image_files(self) -> dict[str, str] | None:
         """Image paths relative to :attr:`image_root` per image id, if the layout lists them."""
         path = self.root / "image_files.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self._read_index(path.name, dict) if path.is_file() else None
 
     def image_path(self, image_id: str) -> Path:
         """Path of an image file.
@@ -233,11 +264,26 @@ class PreparedDataset:
         return read_rgb(self.image_path(image_id))
 
     def load_mask(self, image_id: str) -> np.ndarray:
-        """Load a ground-truth mask as (H, W) uint8 class ids (255 = ignore)."""
+        """Load a ground-truth mask as (H, W) uint8 class ids (255 = ignore).
+
+        Raises:
+            DatasetError: If the mask is missing, unreadable, or holds a class id outside ``classes.json``.
+        """
         path = self.mask_path(image_id)
+        again = "run the 'prepare' stage again: `wsss prepare` or `dvc repro prepare`"
         if not path.is_file():
-            raise DatasetError(f"ground-truth mask not found: {path}")
-        return load_label_png(path)
+            raise DatasetError(f"ground-truth mask not found: {path} ({again})")
+        try:
+            mask = load_label_png(path)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DatasetError(f"cannot read ground-truth mask {path}: {one_line(exc)} ({again})") from None
+        bad = np.unique(mask[(mask >= self.num_classes) & (mask != IGNORE)])
+        if bad.size:
+            raise DatasetError(
+                f"ground-truth mask {path} holds class id {int(bad[0])}, but {self.root / 'classes.json'} lists "
+                f"0..{self.num_classes - 1} (and {IGNORE} = ignore); {again}"
+            )
+        return mask
 
     def label_vector(self, image_id: str) -> np.ndarray:
         """Image-level labels as a (C,) float32 multi-hot vector over the foreground classes."""

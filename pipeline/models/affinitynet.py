@@ -9,12 +9,11 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.data.datasets import normalize
 from pipeline.errors import ConfigError, ModelError, one_line
-from pipeline.models.files import read_model_dir
+from pipeline.models.files import META, load_weights, read_model_dir, retrain_hint
 from pipeline.models.padding import pad_to_multiple
 from pipeline.models.pretrained import load_pretrained
 from pipeline.refinement.affinity import pair_affinities, radius_offsets
@@ -121,10 +120,18 @@ def load_affinity_model(model_dir: Path | str) -> AffinityModel:
     Raises:
         ModelError: If the model files are missing or do not describe an AffinityNet this code builds.
     """
-    weights, meta = read_model_dir(model_dir, "affinity model", "train_aff")
+    weights, meta = read_model_dir(model_dir, "affinity model", "train_aff", ("model", "radius", "mean", "std"))
+    meta_path, again = Path(model_dir) / META, retrain_hint("train_aff")
     try:
         net = AffinityNet(**{**meta["model"], "pretrained": "none"})
-        net.load_state_dict(load_file(str(weights)))
+        offsets = radius_offsets(meta["radius"])
+        mean, std = tuple(meta["mean"]), tuple(meta["std"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{model_dir}: not an affinity model this version can load ({one_line(exc)})") from None
-    return AffinityModel(net.eval(), radius_offsets(meta["radius"]), tuple(meta["mean"]), tuple(meta["std"]))
+        raise ModelError(
+            f"{meta_path} does not describe an affinity model this version builds ({one_line(exc)}; edited? {again})"
+        ) from None
+    try:
+        net.load_state_dict(load_weights(weights, "train_aff"))
+    except RuntimeError as exc:
+        raise ModelError(f"{weights} does not match {meta_path} ({one_line(exc)}; {again})") from None
+    return AffinityModel(net.eval(), offsets, mean, std)

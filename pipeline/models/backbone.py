@@ -11,6 +11,7 @@ from timm.layers import PatchEmbed
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import nn
 
+from pipeline.errors import ConfigError
 from pipeline.models.padding import crop_to_input, pad_to_multiple
 from pipeline.models.pretrained import load_pretrained
 
@@ -109,6 +110,7 @@ def build_backbone(
         The backbone.
 
     Raises:
+        ConfigError: If ``name`` is neither ``small`` nor a timm model.
         PretrainedError: If the pretrained weights cannot be loaded.
     """
     if name == "small":
@@ -125,6 +127,11 @@ def build_backbone(
             embed_layer=stem,
         )
     else:
+        if not timm.is_model(name):
+            raise ConfigError(
+                f"model.backbone: unknown backbone '{name}' (use 'small' or a timm Swin name such as "
+                "swin_tiny_patch4_window7_224)"
+            )
         model = timm.create_model(
             name,
             pretrained=False,

@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline import runtime
 from pipeline.data.layout import IGNORE
-from pipeline.errors import SegModelError
+from pipeline.errors import SegModelError, one_line
 from pipeline.models.files import META, read_model_dir, save_model_dir
 from pipeline.models.padding import crop_to_input, pad_to_multiple
 from pipeline.models.pretrained import is_weights_file, load_state_into, reachable, read_state_dict
@@ -189,13 +189,19 @@ def load_segmenter(model_dir: Path | str, device: torch.device) -> tuple[Segment
     Raises:
         SegModelError: If a file is missing or does not match the described model.
     """
-    weights, meta = read_model_dir(model_dir, "segmentation model", "train_seg")
+    keys = ("arch", "encoder", "num_classes", "output_stride", "decoder_channels", "mean", "std", "palette")
+    weights, meta = read_model_dir(model_dir, "segmentation model", "train_seg", keys)
     meta_path = Path(model_dir) / META
     if meta.get("format") != META_FORMAT:
         raise SegModelError(f"{meta_path}: not a segmentation model description (format {meta.get('format')!r})")
-    model = build_segmenter(
-        meta["arch"], meta["encoder"], meta["num_classes"], "none", meta["output_stride"], meta["decoder_channels"]
-    )
+    try:
+        model = build_segmenter(
+            *(meta[key] for key in keys[:3]), "none", meta["output_stride"], meta["decoder_channels"]
+        )
+    except SegModelError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SegModelError(f"{meta_path}: does not describe a model this version builds ({one_line(exc)})") from None
     try:
         model.net.load_state_dict(load_file(str(weights)))
     except Exception as exc:  # noqa: BLE001 - a corrupt or mismatched file is one user error

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, one_line
 from pipeline.io import read_json, write_json
 from pipeline.outputs import replaced_dir
 
@@ -24,19 +24,23 @@ def save_model_dir(model_dir: Path | str, module: torch.nn.Module, meta: dict[st
         write_json(staging / META, meta)
 
 
-def read_model_dir(model_dir: Path | str, what: str, stage: str) -> tuple[Path, dict[str, Any]]:
+def read_model_dir(
+    model_dir: Path | str, what: str, stage: str, required: tuple[str, ...] = ()
+) -> tuple[Path, dict[str, Any]]:
     """Check a model directory written by :func:`save_model_dir` and read its ``meta.json``.
 
     Args:
         model_dir: The directory.
         what: What the model is, for the error message (e.g. ``classifier``).
         stage: The stage that writes it, for the error message.
+        required: Keys ``meta.json`` must have.
 
     Returns:
-        ``(weights_path, meta)``; the caller loads the weights (``safetensors.torch.load_file``).
+        ``(weights_path, meta)``; the caller loads the weights with :func:`load_weights`.
 
     Raises:
-        ModelError: If ``meta.json`` or the weights are missing (one line naming the file and the stage).
+        ModelError: If ``meta.json`` or the weights are missing, or ``meta.json`` is not a JSON object with the
+            ``required`` keys (one line naming the file and the stage).
     """
     model_dir = Path(model_dir)
     weights, meta_path = model_dir / WEIGHTS, model_dir / META
@@ -46,4 +50,47 @@ def read_model_dir(model_dir: Path | str, what: str, stage: str) -> tuple[Path, 
                 f"{what} not found: {path} is missing (run the '{stage}' stage first: `wsss {stage}` or "
                 f"`dvc repro {stage}`)"
             )
-    return weights, read_json(meta_path)
+    again = retrain_hint(stage)
+    try:
+        meta = read_json(meta_path)
+    except ValueError as exc:
+        raise ModelError(f"cannot read {meta_path}: {one_line(exc)} (edited or damaged? {again})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{meta_path} is not a {what} description (a JSON object is expected; {again})")
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise ModelError(f"{meta_path} has no key '{missing[0]}' (edited, or written by another version? {again})")
+    return weights, meta
+
+
+def retrain_hint(stage: str) -> str:
+    """The fix for a broken or mismatched model directory: re-run the stage that writes it."""
+    return f"run the '{stage}' stage again: `wsss {stage}` or `dvc repro {stage}`"
+
+
+def load_weights(weights: Path, stage: str) -> dict[str, torch.Tensor]:
+    """Load ``model.safetensors`` (CPU tensors).
+
+    Raises:
+        ModelError: If the file is truncated or not a safetensors file (one line naming it and the stage).
+    """
+    try:
+        return load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError derives from Exception only
+        raise ModelError(
+            f"cannot read {weights}: {one_line(exc)} (truncated or damaged; {retrain_hint(stage)})"
+        ) from None
+
+
+def check_classes(meta: dict[str, Any], model_dir: Path | str, data_root: Path, class_names: list[str]) -> None:
+    """Check that a model was trained on the dataset's classes (``meta["class_names"]``).
+
+    Raises:
+        ModelError: If the class lists differ (one line naming both files).
+    """
+    if list(meta.get("class_names", [])) != list(class_names):
+        raise ModelError(
+            f"{Path(model_dir) / META} was trained on classes {meta.get('class_names')}, but "
+            f"{data_root / 'classes.json'} lists {list(class_names)} (use a model trained on this dataset, or "
+            "point --data at the dataset it was trained on)"
+        )

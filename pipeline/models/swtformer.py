@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import runtime
 from pipeline.errors import ModelError, one_line
 from pipeline.metrics import classification_map
 from pipeline.models.backbone import SwinBackbone, build_backbone
-from pipeline.models.files import read_model_dir
+from pipeline.models.files import META, load_weights, read_model_dir, retrain_hint
 
 EPS = 1e-5
 
@@ -305,11 +304,19 @@ def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[SWTfor
     Raises:
         ModelError: If the model files are missing, or do not describe a classifier this code builds.
     """
-    weights, meta = read_model_dir(model_dir, "classifier", "train_cls")
+    required = ("model", "num_classes", "img_size", "mean", "std", "class_names")
+    weights, meta = read_model_dir(model_dir, "classifier", "train_cls", required)
     try:
-        config = {**meta["model"], "pretrained": "none"}
-        model = build_model(meta["num_classes"], meta["img_size"], **config)
-        model.load_state_dict(load_file(str(weights)))
+        model = build_model(meta["num_classes"], meta["img_size"], **{**meta["model"], "pretrained": "none"})
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{model_dir}: not a classifier this version can load ({one_line(exc)})") from None
+        raise ModelError(
+            f"{Path(model_dir) / META} does not describe a classifier this version builds ({one_line(exc)}; "
+            f"edited? {retrain_hint('train_cls')})"
+        ) from None
+    try:
+        model.load_state_dict(load_weights(weights, "train_cls"))
+    except RuntimeError as exc:
+        raise ModelError(
+            f"{weights} does not match {Path(model_dir) / META} ({one_line(exc)}; {retrain_hint('train_cls')})"
+        ) from None
     return model.to(device).eval(), meta
