@@ -37,6 +37,12 @@ def mean_iou(confusion: np.ndarray) -> float:
     return float(np.nanmean(iou_per_class(confusion)))
 
 
+def image_miou(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
+    """One image's mIoU over the classes in its ground truth or prediction (255 ignored); NaN if all are ignored."""
+    confusion = confusion_matrix(pred, gt, num_classes)
+    return mean_iou(confusion) if confusion.any() else float("nan")
+
+
 def iou_report(confusion: np.ndarray, class_names: list[str], prefix: str, suffix: str = "") -> dict[str, float]:
     """The mIoU and per-class IoUs of one confusion matrix, as flat metric names (the ``metrics.json`` keys).
 
