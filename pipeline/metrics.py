@@ -38,8 +38,11 @@ def mean_iou(confusion: np.ndarray) -> float:
 
 
 def image_miou(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
-    """One image's mIoU over the classes in its ground truth or prediction (255 ignored); NaN if all are ignored."""
-    confusion = confusion_matrix(pred, gt, num_classes)
+    """One image's mIoU over the classes in its ground truth or prediction; NaN if every pixel is ignored.
+
+    Pixels that are 255 in the ground truth or in the prediction (a pseudo label's ignore band) are not scored.
+    """
+    confusion = confusion_matrix(pred, np.where(pred == IGNORE, IGNORE, gt), num_classes)
     return mean_iou(confusion) if confusion.any() else float("nan")
 
 

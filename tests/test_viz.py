@@ -152,3 +152,5 @@ def test_image_miou_by_hand():
     assert image_miou(pred, gt, 4) == pytest.approx(0.5)
     assert image_miou(gt.clip(0, 1), gt, 4) == pytest.approx(1.0)
     assert math.isnan(image_miou(pred, np.full((2, 2), 255), 4))
+    # a pseudo label's 255 pixels are not scored either: only (0, 0) and (1, 1) remain -> class 0: 1, class 1: 1
+    assert image_miou(np.array([[0, 255], [255, 1]]), np.array([[0, 0], [1, 1]]), 4) == pytest.approx(1.0)
