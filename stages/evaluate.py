@@ -25,10 +25,13 @@ def main(
     pseudo_labels: Annotated[Path | None, typer.Option(help="Pseudo labels (made by 'refine').")] = None,
 ) -> None:
     """Evaluate the model on evaluate.split against the ground-truth masks."""
+    from pipeline.errors import ConfigError
     from pipeline.evaluate import LadderInputs, evaluate_segmenter  # imported here: torch loads only when run
 
     with stage_params(params, SECTIONS) as p:
-        ladder = None if cams is None or pseudo_labels is None else LadderInputs(cams, pseudo_labels, p.refine)
+        if (cams is None) != (pseudo_labels is None):
+            raise ConfigError("--cams and --pseudo-labels go together: the ladder gallery reads both")
+        ladder = None if cams is None else LadderInputs(cams, pseudo_labels, p.refine)
         metrics = evaluate_segmenter(p.evaluate, data, model_dir, results, ladder)
         typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("/miou")))
 

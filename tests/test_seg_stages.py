@@ -155,6 +155,12 @@ def test_evaluate_cli_writes_metrics_plots_and_gallery(trained):
     assert np.asarray(confusion["single_scale"]).shape == (7, 7)
 
 
+def test_evaluate_ladder_needs_both_inputs(workspace, tmp_path):
+    result = invoke("evaluate", "--params", workspace / "params.yaml", "--model-dir", tmp_path, "--cams", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --cams and --pseudo-labels go together: the ladder gallery reads both"
+
+
 def test_evaluate_without_model_names_the_path_and_the_stage(workspace, tmp_path):
     result = invoke(
         "evaluate", "--params", workspace / "params.yaml", "--data", workspace / "prepared", "--model-dir", tmp_path
