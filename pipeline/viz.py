@@ -130,13 +130,6 @@ class Worst:
         return [(-s, item) for s, _, item in sorted(self._heap, key=lambda e: (-e[0], -e[1]))]
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def fit_tile(panel: Panel, tile: int) -> Image.Image:
     """The panel scaled (up or down) so that its longer side is ``tile`` pixels, centred on a white square."""
     h, w = panel.pixels.shape[:2]
@@ -164,7 +157,7 @@ def gallery(title: str, rows: list[Row], names: list[str], palette: list[list[in
     Returns:
         (H, W, 3) uint8 picture, ``W = columns * (tile + 4) + 4`` with ``columns`` the longest row's panels.
     """
-    font, line, gap = _font(14), 20, 4
+    font, line, gap = ImageFont.load_default(size=14), 20, 4  # scalable: Pillow >= 10.1
     titles = [[p.title for p in row.panels] for row in rows]
     shared = len(rows) > 0 and all(t == titles[0] for t in titles)
     columns = max((len(row.panels) for row in rows), default=1)

@@ -39,6 +39,7 @@ def test_the_page_loads_nothing_from_the_network(page):
     html = page.read_text()
     assert not re.search(r"""<script[^>]+src=["']?(https?:)?//""", html), "a script from a CDN"
     assert "vegaEmbed(" in html and "vega-embed 6.18.2" in html, "the libraries are inlined"
+    assert 'href="../results/compare/"' in html, "the comparison across seeds, beside the page"
     licences = sorted(p.name for p in (REPO / ".dvc/html/LICENSES").iterdir())
     assert licences == ["vega-embed.txt", "vega-lite.txt", "vega.txt"]
 
