@@ -20,7 +20,7 @@ from pipeline.data.layout import PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import CamWriter
 from pipeline.live import open_live
-from pipeline.metrics import SeedEvaluator, iou_report, threshold_grid
+from pipeline.metrics import SeedEvaluator, image_miou, iou_report, threshold_grid
 from pipeline.models.files import check_classes
 from pipeline.models.swtformer import (
     Features,
@@ -30,7 +30,7 @@ from pipeline.models.swtformer import (
     max_norm,
     with_background,
 )
-from pipeline.viz import cam_gallery_row
+from pipeline.viz import Picks, Row, cam_gallery_row, caption, pick_galleries
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,9 @@ def generate_cams(
     if model.version == "v2":
         evaluators["rcam"] = SeedEvaluator(data.num_classes, grid)
     live = open_live(results_dir)
-    gallery = 0
+    picks = Picks(params.gallery_size)
+    shown = "rcam" if "rcam" in evaluators else "cam"  # failure cases: the lowest IoU of this map's argmax seeds
+
     with CamWriter(cams_dir, params.shard_size) as writer:
         bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=None, mininterval=2)
         for group, images in same_size_batches(ids, data.load_image, batch_size):
@@ -163,17 +165,15 @@ def generate_cams(
                     maps["rcam"] = rcam[row, keys].cpu().numpy()
                 writer.add(image_id, keys, maps)
                 score = scored is None or image_id in scored
-                gt = data.load_mask(image_id) if score or gallery < params.gallery_size else None
+                gt = data.load_mask(image_id) if score or len(picks.first) < params.gallery_size else None
                 if score:
                     for name, evaluator in evaluators.items():
                         evaluator.add(maps[name], keys, gt)
-                if gallery < params.gallery_size:
-                    panel = cam_gallery_row(images[row], maps, gt, data.palette)
-                    live.log_image(f"gallery/{gallery:02d}_{image_id}.png", Image.fromarray(panel))
-                    gallery += 1
+                iou = image_miou(keys[maps[shown].argmax(0)], gt, data.num_classes) if score else float("nan")
+                picks.add(iou, (image_id, images[row], maps, keys, gt))
             bar.update(len(group))
         bar.close()
-
+    _log_galleries(live, picks, shown, data)
     headline = _log_seed_metrics(live, evaluators, data.class_names, grid)
     live.log_metric("images_without_labels", unlabelled, plot=False)
     valset = ClassificationEvalSet(data, "val", meta["img_size"], mean, std)
@@ -183,6 +183,19 @@ def generate_cams(
         headline[f"val/{name}"] = value
     live.end()
     return headline | {"images_without_labels": unlabelled}
+
+
+def _log_galleries(live: Live, picks: Picks, shown: str, data: PreparedDataset) -> None:
+    """The first images and the lowest-IoU ones (by ``shown``'s argmax seeds), one CAM column per present class."""
+
+    def draw(iou: float, item: tuple) -> Row:
+        image_id, image, maps, keys, gt = item
+        text = caption(image_id, f"{shown} argmax seeds:", iou)
+        return cam_gallery_row(text, image, maps, keys, gt, data.class_names, data.palette)
+
+    title = "CAM (heat: blue 0 to red 1)" + (" and R-CAM" if shown == "rcam" else "") + " per present class"
+    for file, picture in pick_galleries(picks, draw, title, data.class_names, data.palette).items():
+        live.log_image(file, Image.fromarray(picture))
 
 
 def _log_seed_metrics(

@@ -2,13 +2,15 @@
 
 VOC protocol: one confusion matrix over background + C classes for the whole split, ground-truth 255 ignored,
 IoU per class and their mean (:mod:`pipeline.metrics`). Writes ``<results>/metrics.json`` (dvclive), the
-confusion matrices (``confusion.json`` and a picture per mode) and a gallery (image | single-scale |
-multi-scale | CRF | ground truth).
+confusion matrices (``confusion.json`` and a picture per mode) and galleries: the first val images (image |
+single-scale | multi-scale | CRF | ground truth), the lowest-IoU ones, and, given the CAM store and the pseudo
+labels, a ladder of train images through the stages (image | seeds | pseudo label | DeepLab | ground truth).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +20,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import runtime
-from pipeline.config import EvaluateParams
+from pipeline.config import EvaluateParams, RefineParams
 from pipeline.data.datasets import normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
-from pipeline.io import write_json
+from pipeline.io import load_label_png, write_json
 from pipeline.live import open_live
-from pipeline.metrics import confusion_matrix, iou_report
+from pipeline.metrics import confusion_matrix, image_miou, iou_report
 from pipeline.models.deeplab import load_segmenter, predict_probs
 from pipeline.models.files import check_classes
 from pipeline.parallel import OrderedPool, resolve_workers
 from pipeline.refinement.crf import dense_crf
-from pipeline.viz import confusion_image, label_gallery_row
+from pipeline.refinement.seeds import choose_seed_map, open_cam_store, threshold_labels
+from pipeline.viz import Picks, Row, caption, confusion_image, label_gallery_row, pick_galleries
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +73,26 @@ def _crf_job(job: tuple[str, np.ndarray, np.ndarray, dict[str, float], float]) -
     return image_id, crf_labels(image, probs, params, min_prob)
 
 
-def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, results_dir: Path) -> dict[str, float]:
-    """Evaluate the model on ``evaluate.split`` and write metrics, confusion matrices and a gallery.
+@dataclass(frozen=True)
+class LadderInputs:
+    """What the ladder gallery reads besides the model: the CAM store, the pseudo labels and how seeds were cut."""
+
+    cams_dir: Path
+    pseudo_dir: Path
+    refine: RefineParams
+
+
+def evaluate_segmenter(
+    params: EvaluateParams, data_dir: Path, model_dir: Path, results_dir: Path, ladder: LadderInputs | None = None
+) -> dict[str, float]:
+    """Evaluate the model on ``evaluate.split`` and write metrics, confusion matrices and galleries.
 
     Args:
         params: The ``evaluate`` section.
         data_dir: Prepared dataset (images and ground-truth masks).
         model_dir: Model written by ``train_seg``.
         results_dir: dvclive directory.
+        ladder: Given, the ladder gallery of train images through the stages is drawn too (:func:`ladder_galleries`).
 
     Returns:
         The flat metrics (``single_scale/miou``, ``multi_scale/miou``, per-class IoUs, ...).
@@ -96,14 +111,14 @@ def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, 
     live = open_live(results_dir)
     ids = data.split(params.split)
     confusions = ConfusionSet(["single_scale", "multi_scale"] + (["crf"] if params.use_crf else []), data.num_classes)
-    panels = {image_id: [] for image_id in ids[: params.gallery_size]}  # id -> [image, predictions...]
+    picks, shown, crf_shown = Picks(params.gallery_size), set(ids[: params.gallery_size]), {}  # id -> CRF labels
     crf_args = params.crf.model_dump()
 
     def add_crf(results: list[tuple[str, np.ndarray]]) -> None:
         for image_id, label in results:
             confusions.add("crf", label, data.load_mask(image_id))
-            if image_id in panels:
-                panels[image_id].append(label)
+            if image_id in shown:
+                crf_shown[image_id] = label
 
     bar = tqdm(total=len(ids), desc=f"evaluate {params.split}", unit="img", disable=None, mininterval=2)
     workers = resolve_workers(params.crf_workers) if params.use_crf else 0
@@ -118,25 +133,82 @@ def evaluate_segmenter(params: EvaluateParams, data_dir: Path, model_dir: Path, 
                 gt = data.load_mask(image_id)
                 confusions.add("single_scale", single[row], gt)
                 confusions.add("multi_scale", multi[row], gt)
-                if image_id in panels:
-                    panels[image_id] += [images[row], single[row], multi[row]]
+                iou = image_miou(multi[row], gt, data.num_classes)
+                picks.add(iou, (image_id, images[row], single[row], multi[row]))
                 if params.use_crf:
                     add_crf(crf.submit((image_id, images[row], probs[row], crf_args, params.crf_min_prob)))
             bar.update(len(group))
         add_crf(crf.drain())
     bar.close()
 
-    for index, (image_id, (image, *predictions)) in enumerate(panels.items()):
-        panel = label_gallery_row(image, [*predictions, data.load_mask(image_id)], data.palette)
-        live.log_image(f"gallery/{index:02d}_{image_id}.png", Image.fromarray(panel))
+    pictures = _val_galleries(picks, crf_shown, data)
+    if ladder is not None:
+        pictures |= ladder_galleries(model, meta, data, ladder, params)
     metrics = confusions.summary(names)
-    _write_results(live, confusions, metrics, names, Path(results_dir))
+    _write_results(live, confusions, metrics, names, Path(results_dir), pictures)
     return metrics
 
 
+def _val_galleries(picks: Picks, crf_shown: dict[str, np.ndarray], data: PreparedDataset) -> dict[str, np.ndarray]:
+    """``gallery.png`` and ``failures.png`` (lowest multi-scale IoU): image | predictions | ground truth."""
+
+    def draw(iou: float, item: tuple) -> Row:
+        image_id, image, single, multi = item
+        labels = {"single-scale": single, "multi-scale": multi}
+        if image_id in crf_shown:
+            labels["CRF"] = crf_shown[image_id]
+        labels["ground truth"] = data.load_mask(image_id)
+        return label_gallery_row(caption(image_id, "multi-scale", iou), image, labels, data.palette)
+
+    return pick_galleries(picks, draw, "DeepLab on val", data.class_names, data.palette)
+
+
+def ladder_galleries(
+    model: torch.nn.Module, meta: dict, data: PreparedDataset, ladder: LadderInputs, params: EvaluateParams
+) -> dict[str, np.ndarray]:
+    """One train image through the stages: image | seeds | pseudo label | DeepLab | ground truth.
+
+    The pool is the first ``4 * gallery_size`` images of the CAM store that have ground truth; DeepLab
+    predicts them single-scale. ``ladder_gallery.png`` shows the first ``gallery_size`` of them and
+    ``ladder_failures.png`` the ``gallery_size`` with the lowest DeepLab IoU.
+
+    Returns:
+        File name -> (H, W, 3) uint8 picture (none when no image of the store has ground truth).
+    """
+    store = open_cam_store(ladder.cams_dir)
+    pool = [i for i in store.ids if data.mask_path(i).is_file()][: 4 * params.gallery_size]
+    if not pool:
+        return {}
+    seed_map = choose_seed_map(list(store.load(pool[0])), ladder.refine.seed_map)
+    mean, std, device = tuple(meta["mean"]), tuple(meta["std"]), next(model.parameters()).device
+    picks = Picks(params.gallery_size)
+    for group, images in same_size_batches(pool, data.load_image, params.batch_size):
+        x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
+        predictions = predict_probs(model, x, (1.0,), False, params.amp).argmax(1).cpu().numpy()  # (B, H, W)
+        for image_id, image, prediction in zip(group, images, predictions, strict=True):
+            picks.add(image_miou(prediction, data.load_mask(image_id), data.num_classes), (image_id, image, prediction))
+
+    def draw(iou: float, item: tuple) -> Row:
+        image_id, image, prediction = item
+        entry = store.load(image_id)
+        labels = {
+            "seeds": threshold_labels(entry[seed_map], entry["keys"], ladder.refine.bg_threshold),
+            "pseudo label": load_label_png(ladder.pseudo_dir / f"{image_id}.png"),
+            "DeepLab": prediction,
+            "ground truth": data.load_mask(image_id),
+        }
+        return label_gallery_row(caption(image_id, "DeepLab", iou), image, labels, data.palette)
+
+    title = f"train images through the stages ({seed_map} seeds; failures among the first {len(pool)})"
+    return pick_galleries(picks, draw, title, data.class_names, data.palette, prefix="ladder_")
+
+
 def _write_results(
-    live: Live, confusions: ConfusionSet, metrics: dict[str, float], names: list[str], results_dir: Path
-) -> None:
+    live: Live, confusions: ConfusionSet, metrics: dict[str, float], names: list[str], results_dir: Path,
+    pictures: dict[str, np.ndarray],
+) -> None:  # fmt: skip
+    for file, picture in pictures.items():
+        live.log_image(file, Image.fromarray(picture))
     for name, value in metrics.items():
         live.log_metric(name, round(value, 5), plot=False)
     for mode, matrix in confusions.matrices.items():

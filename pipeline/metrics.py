@@ -37,6 +37,15 @@ def mean_iou(confusion: np.ndarray) -> float:
     return float(np.nanmean(iou_per_class(confusion)))
 
 
+def image_miou(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
+    """One image's mIoU over the classes in its ground truth or prediction; NaN if every pixel is ignored.
+
+    Pixels that are 255 in the ground truth or in the prediction (a pseudo label's ignore band) are not scored.
+    """
+    confusion = confusion_matrix(pred, np.where(pred == IGNORE, IGNORE, gt), num_classes)
+    return mean_iou(confusion) if confusion.any() else float("nan")
+
+
 def iou_report(confusion: np.ndarray, class_names: list[str], prefix: str, suffix: str = "") -> dict[str, float]:
     """The mIoU and per-class IoUs of one confusion matrix, as flat metric names (the ``metrics.json`` keys).
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dvclive import Live
 from PIL import Image
 from tqdm import tqdm
 
@@ -22,7 +23,7 @@ from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import save_label_png
 from pipeline.live import open_live
-from pipeline.metrics import confusion_matrix, iou_report
+from pipeline.metrics import confusion_matrix, image_miou, iou_report
 from pipeline.models.affinitynet import AffinityModel, load_affinity_model
 from pipeline.outputs import replaced_dir
 from pipeline.parallel import map_ordered, resolve_workers
@@ -35,7 +36,7 @@ from pipeline.refinement.seeds import (
     seed_scores,
     threshold_labels,
 )
-from pipeline.viz import label_gallery_row
+from pipeline.viz import Picks, Row, caption, label_gallery_row, pick_galleries
 
 log = logging.getLogger(__name__)
 PSA_METHODS = ("psa", "psa_crf")
@@ -179,25 +180,39 @@ def refine_pseudo_labels(
     live = open_live(results_dir)
     live.log_params({"seed_map": seed_map, "workers": workers})
     scores = _Scores(data.num_classes)
+    picks = Picks(params.gallery_size)
     started = time.perf_counter()
     bar = tqdm(total=len(ids), desc=f"refine ({params.method})", unit="img", disable=None, mininterval=2)
     labels = zip(ids, pseudo_labels(jobs(), params, model_dir, workers), strict=True)
     with replaced_dir(out_dir) as staging:
-        for index, (image_id, label) in enumerate(labels):
+        for image_id, label in labels:
             save_label_png(staging / f"{image_id}.png", label, data.palette)
             if data.mask_path(image_id).is_file():
                 entry = store.load(image_id)
                 seed = threshold_labels(entry[seed_map], entry["keys"], params.bg_threshold)
                 gt = data.load_mask(image_id)
                 scores.add(label, seed, gt)
-                if index < params.gallery_size:
-                    row = label_gallery_row(data.load_image(image_id), [seed, label, gt], data.palette)
-                    live.log_image(f"gallery/{index:02d}_{image_id}.png", Image.fromarray(row))
+                picks.add(image_miou(label, gt, data.num_classes), (image_id, seed, label, gt))
             bar.update()
     bar.close()
     log.info("refine: %d pseudo labels in %.1f s", len(ids), time.perf_counter() - started)
+    _log_galleries(live, picks, data, params.method)
     metrics = scores.metrics(data.class_names) | {"images_without_labels": sum(not data.labels.get(i) for i in ids)}
     for name, value in metrics.items():
         live.log_metric(name, round(float(value), 5), plot=False)
     live.end()
     return metrics
+
+
+def _log_galleries(live: Live, picks: Picks, data: PreparedDataset, method: str) -> None:
+    """``gallery.png`` and ``failures.png`` (lowest pseudo-label IoU): image | seeds | pseudo label | ground truth."""
+
+    def draw(iou: float, item: tuple) -> Row:
+        image_id, seed, label, gt = item
+        labels = {"seeds": seed, "pseudo label": label, "ground truth": gt}
+        image = data.load_image(image_id)
+        return label_gallery_row(caption(image_id, "pseudo label", iou), image, labels, data.palette)
+
+    title = f"seeds and pseudo labels (refine.method = {method})"
+    for file, picture in pick_galleries(picks, draw, title, data.class_names, data.palette).items():
+        live.log_image(file, Image.fromarray(picture))

@@ -1,4 +1,4 @@
-"""``wsss evaluate``: val mIoU of the segmentation model (single-scale, multi-scale + flip, CRF), plots, gallery."""
+"""``wsss evaluate``: val mIoU of the segmentation model (single-scale, multi-scale + flip, CRF), plots, galleries."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from stages._common import ParamsOption, stage_params
 
-SECTIONS = ("evaluate",)
+SECTIONS = ("evaluate", "refine")  # refine: how the ladder gallery cuts seeds, as refine did
 
 
 def main(
@@ -19,12 +19,20 @@ def main(
     results: Annotated[Path, typer.Option(help="dvclive directory (metrics, plots, gallery).")] = Path(
         "results/evaluate"
     ),
+    cams: Annotated[
+        Path | None, typer.Option(help="CAM store (made by 'cams'); with --pseudo-labels: the ladder gallery.")
+    ] = None,
+    pseudo_labels: Annotated[Path | None, typer.Option(help="Pseudo labels (made by 'refine').")] = None,
 ) -> None:
     """Evaluate the model on evaluate.split against the ground-truth masks."""
-    from pipeline.evaluate import evaluate_segmenter  # imported here: torch loads only when a stage runs
+    from pipeline.errors import ConfigError
+    from pipeline.evaluate import LadderInputs, evaluate_segmenter  # imported here: torch loads only when run
 
     with stage_params(params, SECTIONS, outputs=(results,)) as p:
-        metrics = evaluate_segmenter(p.evaluate, data, model_dir, results)
+        if (cams is None) != (pseudo_labels is None):
+            raise ConfigError("--cams and --pseudo-labels go together: the ladder gallery reads both")
+        ladder = None if cams is None else LadderInputs(cams, pseudo_labels, p.refine)
+        metrics = evaluate_segmenter(p.evaluate, data, model_dir, results, ladder)
         typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("/miou")))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import run_cli, tiny_params_dict, write_params
+from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.config import SECTIONS
@@ -241,8 +242,13 @@ def test_cams_metrics_and_gallery(pipeline_run):
             assert "background" in metrics[kind][protocol]
             assert set(metrics[kind][protocol]) <= set(names)
     assert set(metrics["val"]) >= {"map_classwise", "map_samplewise"}
-    gallery = sorted((results / "plots" / "images").rglob("*.png"))
-    assert len(gallery) == 2, gallery
+    gallery = sorted(p.name for p in (results / "plots" / "images").rglob("*.png"))
+    assert gallery == ["failures.png", "gallery.png"], gallery
+    # the widest row: image | a CAM and an R-CAM panel per present class | ground truth, 192 px each
+    train_ids = (pipeline_run / "prepared/splits/train.txt").read_text().split()
+    labels = json.loads((pipeline_run / "prepared/cls_labels.json").read_text())
+    columns = max(2 + 2 * len(labels[i]) for i in train_ids[:2])
+    assert Image.open(results / "plots/images/gallery.png").width == columns * (192 + 4) + 4
     for kind in ("cam", "rcam"):
         sweep = json.loads((results / f"plots/custom/sweep_{kind}.json").read_text())
         assert len(sweep) == 61, "thresholds 0.00, 0.01, ..., 0.60"

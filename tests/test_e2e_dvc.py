@@ -132,8 +132,11 @@ def test_plots_render(project):
     assert len(curves) == 2 * 2, "two curves (class-wise, sample-wise) of two epochs"
     sweep = plots["results/cams/plots/custom/sweep_cam.json"][0]["content"]["data"]["values"]
     assert len(sweep) == 61 and {"threshold", "miou"} <= set(sweep[0])
-    images = [name for name in plots if name.startswith("results/cams/plots/images/")]
-    assert len(images) == 2 and all(plots[name][0]["type"] == "image" for name in images)
+    images = sorted(name for name in plots if name.startswith("results/cams/plots/images/"))
+    assert [name.rsplit("/", 1)[1] for name in images] == ["failures.png", "gallery.png"]
+    assert all(plots[name][0]["type"] == "image" for name in images)
+    ladder = [name for name in plots if name.startswith("results/evaluate/plots/images/ladder_")]
+    assert len(ladder) == 2, "the ladder: the first images and the lowest-IoU ones"
 
 
 def test_a_clone_shows_the_committed_metrics_and_pulls_the_rest_from_a_remote(project, tmp_path):

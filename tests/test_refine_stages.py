@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_params_dict, write_params
+from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -96,8 +97,10 @@ def test_refine_metrics_and_gallery(tiny_run):
     assert metrics["pseudo"]["ignored_fraction"] == 0, "psa_crf labels every pixel"
     assert metrics["images_scored"] == 16
     assert "background" in metrics["pseudo"]["iou"] and "background" in metrics["seed"]["iou"]
-    gallery = sorted((tiny_run / "results/pseudo/plots/images").rglob("*.png"))
-    assert len(gallery) == 2
+    gallery = sorted(p.name for p in (tiny_run / "results/pseudo/plots/images").rglob("*.png"))
+    assert gallery == ["failures.png", "gallery.png"]
+    picture = Image.open(tiny_run / "results/pseudo/plots/images/gallery.png")
+    assert picture.width == 4 * (192 + 4) + 4, "image | seeds | pseudo label | ground truth, 192 px each"
 
 
 def test_refine_none_with_ignore_band_needs_no_affinity_model(tiny_run, tmp_path, monkeypatch):

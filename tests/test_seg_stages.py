@@ -21,7 +21,7 @@ from pipeline import evaluate as evaluate_module
 from pipeline.config import CrfParams, EvaluateParams, Params, load_sections
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.evaluate import _crf_job, crf_labels, evaluate_segmenter
-from pipeline.io import save_label_png, write_json
+from pipeline.io import CamWriter, save_label_png, write_json
 from pipeline.models.deeplab import build_segmenter, save_segmenter
 from pipeline.parallel import OrderedPool
 from pipeline.prepare import prepare
@@ -46,14 +46,18 @@ def _quiet_and_single_threaded():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A tiny prepared dataset, pseudo labels (the ground truth, 255 kept) and a params file."""
+    """A tiny prepared dataset, pseudo labels (the ground truth, 255 kept), a CAM store and a params file."""
     root = tmp_path_factory.mktemp("seg")
     raw = tiny_params_dict()
     cfg = Params.model_validate(raw)
     prepare(cfg.data, cfg.seed, root / "prepared")
     data = PreparedDataset.open(root / "prepared")
-    for image_id in data.split("train"):
-        save_label_png(root / "pseudo" / f"{image_id}.png", data.load_mask(image_id), data.palette)
+    with CamWriter(root / "cams", shard_size=8) as cams:
+        for image_id in data.split("train"):
+            mask = data.load_mask(image_id)
+            save_label_png(root / "pseudo" / f"{image_id}.png", mask, data.palette)
+            keys = np.array([0, *data.labels[image_id]])
+            cams.add(image_id, keys, {"cam": (mask[None] == keys[:, None, None]).astype(np.float32)})  # (N, H, W)
     write_params(root / "params.yaml", raw)
     return root
 
@@ -132,6 +136,7 @@ def test_evaluate_cli_writes_metrics_plots_and_gallery(trained):
         "evaluate",
         *("--params", root / "params.yaml", "--data", root / "prepared"),
         *("--model-dir", root / "model", "--results", root / "results_eval"),
+        *("--cams", root / "cams", "--pseudo-labels", root / "pseudo"),
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((root / "results_eval" / "metrics.json").read_text())
@@ -139,9 +144,20 @@ def test_evaluate_cli_writes_metrics_plots_and_gallery(trained):
     assert 0 <= metrics["multi_scale"]["miou"] <= 1 and "background" in metrics["multi_scale"]["iou"]
     images = root / "results_eval" / "plots" / "images"
     assert (images / "confusion_multi_scale.png").is_file()
-    assert len(list((images / "gallery").glob("*.png"))) == TINY_EVAL["gallery_size"]
+    galleries = {"gallery.png", "failures.png", "ladder_gallery.png", "ladder_failures.png"}
+    assert galleries <= {p.name for p in images.glob("*.png")}
+    ladder = Image.open(images / "ladder_gallery.png")
+    assert ladder.width == 5 * (192 + 4) + 4, "image | seeds | pseudo label | DeepLab | ground truth, 192 px each"
+    rows = TINY_EVAL["gallery_size"]
+    assert ladder.height > rows * 192 and Image.open(images / "ladder_failures.png").height == ladder.height
     confusion = json.loads((root / "results_eval" / "confusion.json").read_text())
     assert np.asarray(confusion["single_scale"]).shape == (7, 7)
+
+
+def test_evaluate_ladder_needs_both_inputs(workspace, tmp_path):
+    result = invoke("evaluate", "--params", workspace / "params.yaml", "--model-dir", tmp_path, "--cams", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --cams and --pseudo-labels go together: the ladder gallery reads both"
 
 
 def test_evaluate_without_model_names_the_path_and_the_stage(workspace, tmp_path):
@@ -209,8 +225,13 @@ def test_evaluate_metrics_on_a_constructed_case(tmp_path, monkeypatch):
         assert f"{mode}/iou/b" not in metrics
     confusion = json.loads((tmp_path / "results" / "confusion.json").read_text())
     assert confusion["multi_scale"] == confusion["crf"] == [[16, 0, 0], [8, 7, 0], [0, 0, 0]]
-    gallery = list((tmp_path / "results" / "plots" / "images" / "gallery").glob("*.png"))
-    assert len(gallery) == 1 and Image.open(gallery[0]).size == (5 * 4, 4), "image | single | multi | CRF | GT"
+    images = tmp_path / "results" / "plots" / "images"
+    assert not (images / "ladder_gallery.png").exists(), "no ladder without the CAM store and pseudo labels"
+    gallery = Image.open(images / "gallery.png")
+    assert gallery.width == 5 * (192 + 4) + 4, "image | single | multi | CRF | GT, 192 px each"
+    # multi-scale IoU: v0 (2/3 + 4/8) / 2 = 0.583, v1 (2/3 + 3/7) / 2 = 0.548 (its ignored pixel was class a):
+    # the worst is v1, not among the first (v0), so it has no CRF panel: image | single | multi | GT
+    assert Image.open(images / "failures.png").width == 4 * (192 + 4) + 4
 
 
 def test_crf_in_worker_processes_matches_the_serial_crf():
