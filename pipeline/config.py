@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -184,17 +184,20 @@ class ViTParams(Section):
     mlp_ratio: PositiveFloat = 2.0
     conv_stem: bool = True
 
-    @model_validator(mode="after")
-    def _known(self) -> ViTParams:
-        if self.name == "small":
-            if self.embed_dim % self.num_heads:
-                raise ValueError("embed_dim must be a multiple of num_heads")
-            return self
-        if not is_vit_name(self.name):
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name != "small" and not is_vit_name(name):
             raise ValueError(
-                f"'{self.name}' is not a timm ViT/DeiT name (e.g. deit_small_patch16_224, vit_small_patch16_224; "
-                "see timm.list_models(module=['vision_transformer', 'deit'])) nor 'small'"
+                "not 'small' nor a timm ViT/DeiT name (e.g. deit_small_patch16_224, vit_small_patch16_224; see "
+                "timm.list_models(module=['vision_transformer', 'deit']))"
             )
+        return name
+
+    @model_validator(mode="after")
+    def _heads(self) -> ViTParams:
+        if self.name == "small" and self.embed_dim % self.num_heads:
+            raise ValueError("embed_dim must be a multiple of num_heads")
         return self
 
 

@@ -16,7 +16,7 @@ from torch.testing import assert_close
 from typer.testing import CliRunner
 
 from pipeline.config import ModelParams, ViTParams, parse_params
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelError
 from pipeline.io import CamStore
 from pipeline.losses import deit_loss
 from pipeline.models.deit import DeiTClassifier, RecordingAttention
@@ -115,6 +115,13 @@ def test_timm_name_builds_and_runs_at_other_sizes():
     assert model.patch_size == 16 and out["cam"].shape == (1, NUM_CLASSES, 3, 4)
 
 
+def test_a_vit_without_class_token_is_a_one_line_model_error():
+    params = ModelParams(arch="deit", vit=ViTParams(name="test_vit2"))  # a timm test ViT: register token, no class
+    with pytest.raises(ModelError, match="has no class token") as info:
+        build_model(NUM_CLASSES, 32, **params.model_dump())
+    assert "\n" not in str(info.value)
+
+
 def test_vit_pretrained_file_really_loads(tmp_path):
     source = tiny_deit(seed=1)
     path = tmp_path / "vit.safetensors"
@@ -132,12 +139,22 @@ def test_unknown_timm_vit_name_is_a_one_line_error():
     with pytest.raises(ConfigError) as info:
         parse_params(raw)
     message = str(info.value)
-    assert "\n" not in message and "model.vit" in message and "deit_nonexistent_patch16_224" in message
-    assert "not a timm ViT/DeiT name" in message
+    assert "\n" not in message
+    assert "model.vit.name = \"deit_nonexistent_patch16_224\" is invalid: not 'small' nor a timm ViT/DeiT" in message
+
+
+def test_unknown_timm_vit_name_stops_train_cls_with_one_error_line(tmp_path):
+    raw = tiny_params_dict(model={"arch": "deit", "vit": {"name": "vit_nonexistent"}})
+    params = write_params(tmp_path / "params.yaml", raw)
+    result = _invoke("train_cls", "--params", params, "--data", tmp_path / "prepared", "--model-dir", tmp_path / "m")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "model.vit.name" in lines[0], result.stderr
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_swin_name_is_not_a_vit_name():
-    with pytest.raises(ConfigError, match="not a timm ViT/DeiT name"):
+    with pytest.raises(ConfigError, match="model.vit.name = .* nor a timm ViT/DeiT name"):
         parse_params(default_params_dict(model={"vit": {"name": "swin_tiny_patch4_window7_224"}}))
 
 

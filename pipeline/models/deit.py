@@ -28,6 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from pipeline.config import is_vit_name
+from pipeline.errors import ModelError, one_line
 from pipeline.models.backbone import ConvStemPatchEmbed
 from pipeline.models.padding import crop_to_input, pad_to_multiple
 from pipeline.models.pretrained import load_pretrained
@@ -86,8 +87,8 @@ class DeiTClassifier(nn.Module):
         self.final_norm = final_norm
         self.patch_size = vit.patch_embed.patch_size[0]
         self.attentions = [block.attn for block in vit.blocks]
-        if not all(isinstance(a, RecordingAttention) for a in self.attentions):
-            raise ValueError("every ViT block must use RecordingAttention (build it with build_deit)")
+        if not all(isinstance(a, RecordingAttention) for a in self.attentions) or vit.cls_token is None:
+            raise ValueError("the ViT needs a class token and RecordingAttention in every block (see build_deit)")
         dim = vit.embed_dim
         self.cls_head = nn.Linear(dim, num_classes)
         self.cam_head = nn.Conv2d(dim, num_classes, head_kernel, padding=head_kernel // 2, bias=head_kernel == 3)
@@ -183,17 +184,25 @@ def build_deit(
     ``vit["pretrained"]`` is resolved by :func:`pipeline.models.pretrained.load_pretrained` into the ViT.
 
     Raises:
-        ValueError: If the name is not a timm ViT/DeiT.
+        ModelError: If the name is not a timm ViT/DeiT with a class token and plain attention blocks.
         PretrainedError: If the pretrained weights cannot be loaded.
     """
+    name = vit["name"]
     common = {"num_classes": 0, "drop_path_rate": drop_path_rate, "dynamic_img_size": True}
-    if vit["name"] == "small":
+    if name == "small":
         stem = ConvStemPatchEmbed if vit["conv_stem"] else PatchEmbed
         sizes = {k: vit[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}
         model = VisionTransformer(img_size=img_size, **sizes, **common, embed_layer=stem, attn_layer=RecordingAttention)
-    elif is_vit_name(vit["name"]):
-        model = timm.create_model(vit["name"], pretrained=False, **common, attn_layer=RecordingAttention)
+    elif is_vit_name(name):
+        try:
+            model = timm.create_model(name, pretrained=False, **common, attn_layer=RecordingAttention)
+        except TypeError as exc:
+            raise ModelError(f"model.vit.name: cannot build {name!r} as a plain ViT ({one_line(exc)})") from None
     else:
-        raise ValueError(f"model.vit.name: {vit['name']!r} is not a timm ViT/DeiT (e.g. deit_small_patch16_224)")
+        raise ModelError(f"model.vit.name: {name!r} is not a timm ViT/DeiT (e.g. deit_small_patch16_224)")
+    if getattr(model, "cls_token", None) is None:
+        raise ModelError(f"model.vit.name: {name!r} has no class token; the DeiT classifier reads one")
+    if not all(isinstance(block.attn, RecordingAttention) for block in model.blocks):
+        raise ModelError(f"model.vit.name: {name!r} does not use timm's plain Attention in every block")
     load_pretrained(model, vit["pretrained"], "model.vit.pretrained")
     return DeiTClassifier(model, num_classes, head_kernel=head_kernel, final_norm=final_norm)
