@@ -97,9 +97,14 @@ def train_classifier(
 
 
 def _has_unused_parameters(params: StageParams) -> bool:
-    """Whether DDP must look for parameters without gradients: SWTformer-V2's HFF when GSC and CCL are off."""
+    """Whether DDP must look for parameters without gradients.
+
+    SWTformer-V2's HFF when GSC and CCL are off; the ViT's final LayerNorm when ``final_norm`` is off.
+    """
     model, loss = params.model, params.loss
-    return model.arch == "swtformer" and model.version == "v2" and not (loss.gsc or loss.ccl)
+    if model.arch == "deit":
+        return not model.final_norm
+    return model.version == "v2" and not (loss.gsc or loss.ccl)
 
 
 def _loss_step(device: torch.device, amp: bool, arch: str, loss_args: dict[str, Any]) -> training.Step:

@@ -106,6 +106,19 @@ def test_deit_loss_hand_values():
     assert deit_loss(sure, labels)["cls"] < 1e-6
 
 
+@pytest.mark.parametrize("final_norm", [True, False])
+def test_every_parameter_trains_but_the_unused_final_norm(final_norm):
+    # train_cls: DDP's find_unused_parameters = not final_norm for DeiT; this is that rule
+    torch.manual_seed(0)
+    params = ModelParams(arch="deit", vit=ViTParams(**TINY_VIT), final_norm=final_norm)
+    model = build_model(NUM_CLASSES, IMG, **params.model_dump()).train()
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    deit_loss(model(torch.randn(2, 3, IMG, IMG)), labels)["total"].backward()
+    unused = {name for name, p in model.named_parameters() if p.grad is None}
+    assert unused == (set() if final_norm else {"vit.norm.weight", "vit.norm.bias"})
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_timm_name_builds_and_runs_at_other_sizes():
     torch.manual_seed(0)
     params = ModelParams(arch="deit", vit=ViTParams(name="deit_tiny_patch16_224"), head_kernel=1)
