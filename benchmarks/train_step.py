@@ -4,7 +4,11 @@ Times (a) the backbone's forward + backward alone and (b) a V2 step: forward wit
 R-CAM, all losses (CLS + GSC + CCL), backward, on the same batch and the same weights. Prints the ratio b / a
 (target <= 1.3). Timings alternate between (a) and (b) and take the median to cancel drift.
 
-Usage: python benchmarks/train_step.py [--params params.yaml] [--batch 16] [--repeats 10]
+``--arch deit`` times the DeiT classifier instead (``model.vit``): (a) the ViT's forward + backward alone and
+(b) its training step (class-token + patch-token soft margin); ``--arch both`` also times a V2 step and prints
+the DeiT step relative to it.
+
+Usage: python benchmarks/train_step.py [--params params.yaml] [--batch 16] [--repeats 10] [--arch swtformer]
 """
 
 from __future__ import annotations
@@ -16,53 +20,84 @@ import time
 import torch
 
 from pipeline.config import load_params
-from pipeline.losses import swtformer_loss
+from pipeline.losses import deit_loss, swtformer_loss
 from pipeline.models.swtformer import build_model
 
 
-def main() -> None:
+def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--classes", type=int, default=6)
-    args = parser.parse_args()
+    parser.add_argument("--arch", choices=("swtformer", "deit", "both"), default="swtformer")
+    return parser.parse_args()
 
+
+def _steps(arch: str, params, args, images, labels, mask) -> tuple:
+    """(model, bare trunk step, full training step) for one architecture, built from seed 0."""
+    torch.manual_seed(0)
+    update = {"version": "v2"} if arch == "swtformer" else {"arch": "deit"}
+    model = build_model(args.classes, images.shape[-1], **params.model.model_copy(update=update).model_dump())
+    model.train()
+    if arch == "deit":
+
+        def trunk() -> None:
+            out = model.encode(images)
+            (out["tokens"].float().mean() + out["prefix"].float().mean()).backward()
+
+        def step() -> None:
+            deit_loss(model(images, mask), labels)["total"].backward()
+
+    else:
+
+        def trunk() -> None:
+            sum(s.float().mean() for s in model.backbone(images)).backward()
+
+        def step() -> None:
+            swtformer_loss(model(images, mask), labels, mask, **params.loss.model_dump())["total"].backward()
+
+    return model, trunk, step
+
+
+def main() -> None:
+    args = _parse()
     params = load_params(args.params)
-    model_params = params.model.model_copy(update={"version": "v2"})
     size = params.train_cls.crop_size
     torch.manual_seed(0)
-    model = build_model(args.classes, size, **model_params.model_dump())
-    model.train()
     images = torch.randn(args.batch, 3, size, size)
     labels = (torch.rand(args.batch, args.classes) < 0.3).float()
     labels[:, 0] = 1
     mask = torch.cat([torch.ones(args.batch, 1, size, size), labels[:, :, None, None].expand(-1, -1, size, size)], 1)
+    arches = ("swtformer", "deit") if args.arch == "both" else (args.arch,)
+    runs = {arch: _steps(arch, params, args, images, labels, mask) for arch in arches}
 
-    def backbone_step() -> None:
-        stages = model.backbone(images)
-        sum(s.float().mean() for s in stages).backward()
-
-    def v2_step() -> None:
-        out = model(images, mask)
-        swtformer_loss(out, labels, mask, **params.loss.model_dump())["total"].backward()
-
-    def timed(step) -> float:
+    def timed(model, step) -> float:
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         step()
         return time.perf_counter() - start
 
-    for step in (backbone_step, v2_step):  # warm-up
-        timed(step)
-    base, full = [], []
+    for model, trunk, step in runs.values():  # warm-up
+        timed(model, trunk), timed(model, step)
+    times = {(arch, kind): [] for arch in arches for kind in ("trunk", "step")}
     for _ in range(args.repeats):
-        base.append(timed(backbone_step))
-        full.append(timed(v2_step))
-    b, f = statistics.median(base), statistics.median(full)
-    print(f"backbone forward+backward: {b * 1e3:.1f} ms  (median of {args.repeats}, batch {args.batch}, {size} px)")
-    print(f"V2 step (all losses):      {f * 1e3:.1f} ms")
-    print(f"ratio: {f / b:.3f} (target <= 1.3)")
+        for arch, (model, trunk, step) in runs.items():
+            times[arch, "trunk"].append(timed(model, trunk))
+            times[arch, "step"].append(timed(model, step))
+    med = {key: statistics.median(values) for key, values in times.items()}
+    print(f"median of {args.repeats}, batch {args.batch}, {size} px")
+    for arch in arches:
+        trunk_name, step_name = (
+            ("Swin backbone", "V2 step (all losses)") if arch == "swtformer" else ("ViT", "DeiT step")
+        )
+        print(f"{trunk_name + ' forward+backward:':34s} {med[arch, 'trunk'] * 1e3:.1f} ms")
+        print(f"{step_name + ':':34s} {med[arch, 'step'] * 1e3:.1f} ms")
+        print(
+            f"ratio: {med[arch, 'step'] / med[arch, 'trunk']:.3f}" + (" (target <= 1.3)" if arch == "swtformer" else "")
+        )
+    if args.arch == "both":
+        print(f"DeiT step / V2 step: {med['deit', 'step'] / med['swtformer', 'step']:.3f}")
 
 
 if __name__ == "__main__":

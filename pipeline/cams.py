@@ -1,4 +1,8 @@
-"""``cams``: multi-scale + flip CAM / R-CAM inference, the sharded CAM store, and seed evaluation."""
+"""``cams``: multi-scale + flip CAM / R-CAM inference, the sharded CAM store, and seed evaluation.
+
+Works for both classifiers of ``model.arch`` (read from the model's ``meta.json``): SWTformer V1/V2, and the
+DeiT classifier, whose CAM is its patch-token head's (no R-CAM).
+"""
 
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ def _unflip(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def multiscale_maps(
-    model: SWTformer,
+    model: SWTformer | torch.nn.Module,
     images: torch.Tensor,
     label_mask: torch.Tensor,
     scales: tuple[float, ...],
@@ -65,7 +69,8 @@ def multiscale_maps(
     tokens and HFF features of the flipped image are flipped back and added.
 
     Args:
-        model: The classifier in eval mode.
+        model: The classifier in eval mode (:class:`SWTformer`, or the DeiT classifier: same ``features`` /
+            ``maps`` interface, ``fused`` always ``None``).
         images: (B, 3, H, W) normalised images.
         label_mask: (B, K, 1, 1) background (1) + image-level labels.
         scales: Input scales.

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -156,12 +156,62 @@ class SwinParams(Section):
     conv_stem: bool = True
 
 
-class ModelParams(Section):
-    """The SWTformer classifier."""
+VIT_MODULES = ("vision_transformer", "deit")
+"""The timm modules whose models are the plain ViTs ``model.arch: deit`` wraps (``model.vit.name``)."""
 
+
+def is_vit_name(name: str) -> bool:
+    """Whether ``name`` is a timm model of :data:`VIT_MODULES` (e.g. ``deit_small_patch16_224``)."""
+    import timm  # here: timm loads only to check a timm name
+
+    return name in timm.list_models(module=list(VIT_MODULES))
+
+
+class ViTParams(Section):
+    """The ViT/DeiT of ``model.arch: deit``: ``name`` is ``small`` (the configuration below) or a timm ViT/DeiT name.
+
+    ``small`` is a CPU-sized ViT built through timm's ``VisionTransformer`` at ``train_cls.crop_size``; a timm
+    name (e.g. ``deit_small_patch16_224``) ignores the size keys. ``pretrained`` (``none``, a local file or a timm
+    tag such as ``deit_small_patch16_224.fb_in1k``) initialises this ViT; ``model.pretrained`` is the Swin's.
+    """
+
+    name: str = "small"
+    pretrained: str = "none"
+    patch_size: Annotated[int, Field(ge=1, le=32)] = 8
+    embed_dim: PositiveInt = 64
+    depth: PositiveInt = 4
+    num_heads: PositiveInt = 2
+    mlp_ratio: PositiveFloat = 2.0
+    conv_stem: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name != "small" and not is_vit_name(name):
+            raise ValueError(
+                "not 'small' nor a timm ViT/DeiT name (e.g. deit_small_patch16_224, vit_small_patch16_224; see "
+                "timm.list_models(module=['vision_transformer', 'deit']))"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _heads(self) -> ViTParams:
+        if self.name == "small" and self.embed_dim % self.num_heads:
+            raise ValueError("embed_dim must be a multiple of num_heads")
+        return self
+
+
+class ModelParams(Section):
+    """The classifier: ``arch`` ``swtformer`` (a Swin backbone; ``version`` V1/V2) or ``deit`` (``vit``).
+
+    ``deit`` reads ``vit``, ``drop_path_rate``, ``final_norm`` and ``head_kernel``; the other keys are SWTformer's.
+    """
+
+    arch: Literal["swtformer", "deit"] = "swtformer"
     version: Literal["v1", "v2"] = "v2"
     backbone: str = "small"
     swin: SwinParams = SwinParams()
+    vit: ViTParams = ViTParams()
     pretrained: str = "none"
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
     final_norm: bool = True

@@ -1,4 +1,8 @@
-"""SWTformer losses: CLS (multilabel soft margin), GSC (CAM <-> R-CAM L1) and CCL (literal or contrastive)."""
+"""Classifier losses: SWTformer's and the DeiT classifier's.
+
+SWTformer: CLS (multilabel soft margin), GSC (CAM <-> R-CAM L1) and CCL (literal or contrastive). DeiT: the
+class-token + patch-token soft margin (MCTformer).
+"""
 
 from __future__ import annotations
 
@@ -102,4 +106,26 @@ def swtformer_loss(
             terms["ccl"] = ccl_loss(cam, rcam, present, ccl_mode)
             total = total + ccl_weight * terms["ccl"]
     terms["total"] = total
+    return terms
+
+
+def deit_loss(
+    out: dict[str, torch.Tensor], labels: torch.Tensor, *, cls_weight: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """The DeiT classifier's loss (MCTformer-V2, AReAM's baseline): soft margin on both sets of scores.
+
+    Args:
+        out: Model output with ``logits`` (B, C) from the class token and ``patch_logits`` (B, C), the GAP of
+            the patch-token CAM head.
+        labels: (B, C) image-level labels.
+        cls_weight: Weight of both terms (MCTformer weighs them 1 each).
+
+    Returns:
+        ``{"cls": ..., "patch": ..., "total": cls_weight * (cls + patch)}``.
+    """
+    terms = {
+        "cls": classification_loss(out["logits"], labels),
+        "patch": classification_loss(out["patch_logits"], labels),
+    }
+    terms["total"] = cls_weight * (terms["cls"] + terms["patch"])
     return terms

@@ -1,4 +1,4 @@
-"""``train_cls``: fine-tune the SWTformer classifier on image-level labels.
+"""``train_cls``: fine-tune the classifier (SWTformer, or the DeiT classifier: ``model.arch``) on image-level labels.
 
 Writes ``<model_dir>/model.safetensors`` + ``meta.json`` (everything ``cams`` needs to rebuild the model),
 dvclive curves and metrics in ``<results_dir>``, and a resumable checkpoint in ``<checkpoint>`` after every
@@ -17,9 +17,9 @@ from pipeline import runtime, training
 from pipeline.config import StageParams
 from pipeline.data.datasets import ClassificationEvalSet, ClassificationTrainSet
 from pipeline.data.layout import PreparedDataset
-from pipeline.losses import swtformer_loss
+from pipeline.losses import deit_loss, swtformer_loss
 from pipeline.models.files import save_model_dir
-from pipeline.models.swtformer import SWTformer, build_model, evaluate_classifier
+from pipeline.models.swtformer import build_model, evaluate_classifier
 
 
 def label_mask(valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -88,10 +88,10 @@ def train_classifier(
         model,
         torch.optim.AdamW(groups),
         trainset,
-        _loss_step(run.device, cfg.amp, params.loss.model_dump()),
+        _loss_step(run.device, cfg.amp, params.model.arch, params.loss.model_dump()),
         save=lambda trained: save_model_dir(model_dir, trained, _meta(params, data)),
         validate=lambda epoch: _validate(model, val_batches, run.device, cfg.amp),
-        find_unused_parameters=params.model.version == "v2" and not (params.loss.gsc or params.loss.ccl),
+        find_unused_parameters=_has_unused_parameters(params),
     )
     history = training.fit(
         task, training.Recipe.of(cfg, batch_size=batch_size), run, results_dir, checkpoint, params.digest()
@@ -99,8 +99,23 @@ def train_classifier(
     return {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}
 
 
-def _loss_step(device: torch.device, amp: bool, loss_args: dict[str, Any]) -> training.Step:
-    """The training step of :class:`pipeline.training.Task`: forward with the label mask, SWTformer's losses."""
+def _has_unused_parameters(params: StageParams) -> bool:
+    """Whether DDP must look for parameters without gradients.
+
+    SWTformer-V2's HFF when GSC and CCL are off; the ViT's final LayerNorm when ``final_norm`` is off.
+    """
+    model, loss = params.model, params.loss
+    if model.arch == "deit":
+        return not model.final_norm
+    return model.version == "v2" and not (loss.gsc or loss.ccl)
+
+
+def _loss_step(device: torch.device, amp: bool, arch: str, loss_args: dict[str, Any]) -> training.Step:
+    """The training step of :class:`pipeline.training.Task`: forward with the label mask, the ``arch``'s losses.
+
+    SWTformer: :func:`swtformer_loss` (CLS, and GSC + CCL for V2); DeiT: :func:`deit_loss` (class-token and
+    patch-token soft margin, weighted by ``loss.cls_weight``).
+    """
 
     def step(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
@@ -108,11 +123,14 @@ def _loss_step(device: torch.device, amp: bool, loss_args: dict[str, Any]) -> tr
         mask = label_mask(batch["valid"].to(device), labels)  # (B, C+1, S, S)
         with runtime.autocast(device, amp):
             out = net(images, mask)
-        terms = swtformer_loss(out, labels, mask, **loss_args)
+        if arch == "deit":
+            terms = deit_loss(out, labels, cls_weight=loss_args["cls_weight"])
+        else:
+            terms = swtformer_loss(out, labels, mask, **loss_args)
         return terms["total"], {f"loss_{name}": value for name, value in terms.items()}
 
     return step
 
 
-def _validate(model: SWTformer, batches: Any, device: torch.device, amp: bool) -> dict[str, float]:
+def _validate(model: torch.nn.Module, batches: Any, device: torch.device, amp: bool) -> dict[str, float]:
     return {f"val/{name}": value for name, value in evaluate_classifier(model, batches, device, amp).items()}

@@ -1,5 +1,8 @@
 """SWTformer V1/V2: the patch-token CAM head, HFF, structure-aware seeds and background-aware prototypes.
 
+:func:`build_model` and :func:`load_classifier` also build the DeiT classifier (``model.arch: deit``,
+:mod:`pipeline.models.deit`).
+
 V1 = Swin backbone + a conv CAM head on the last stage (GAP logits, ReLU + max-normalised CAM).
 V2 adds (SIPE's machinery with SWTformer's three changes; docs/classifier.md):
 hierarchical feature fusion (HFF) of the four stages, a background map ``1 - max_c M_c``, seeds located by
@@ -253,25 +256,42 @@ def build_model(
     num_classes: int,
     img_size: int,
     *,
+    arch: str = "swtformer",
     backbone: str = "small",
     swin: Mapping[str, Any] | None = None,
+    vit: Mapping[str, Any] | None = None,
     pretrained: str = "none",
     drop_path_rate: float = 0.0,
     final_norm: bool = True,
     **heads: Any,
-) -> SWTformer:
-    """Build an SWTformer: a Swin backbone (:func:`build_backbone`) and the heads (:class:`SWTformer`).
+) -> nn.Module:
+    """Build the classifier of ``model.arch``: an SWTformer (Swin backbone + heads) or the DeiT classifier.
 
     Args:
         num_classes: Number of foreground classes C.
-        img_size: Training crop size (fixes the Swin window layout).
+        img_size: Training crop size (fixes the Swin window layout, and the small ViT's positional embedding).
+        arch: ``swtformer`` (:func:`build_backbone` + :class:`SWTformer`) or ``deit``
+            (:func:`pipeline.models.deit.build_deit`, which reads ``vit``, ``drop_path_rate``, ``final_norm`` and
+            ``head_kernel`` and ignores the Swin-only keys).
         backbone: ``small`` or a timm Swin name.
-        swin: The ``small`` configuration.
-        pretrained: ``none``, a local weights file or a timm tag.
+        swin: The ``small`` Swin configuration.
+        vit: ``model.vit`` (``name``, ``pretrained`` and the small ViT configuration), for ``deit``.
+        pretrained: ``none``, a local weights file or a timm tag (Swin).
         drop_path_rate: Stochastic depth.
-        final_norm: Final LayerNorm on the last stage map.
+        final_norm: Final LayerNorm on the last stage map (the ViT's tokens).
         **heads: Keyword arguments of :class:`SWTformer` (``version``, ``head_kernel``, ``hff_dims``, ...).
     """
+    if arch == "deit":
+        from pipeline.models.deit import build_deit  # here: deit imports this module
+
+        if vit is None:
+            raise ValueError("arch 'deit' needs its configuration in `vit`")
+        kernel = heads.get("head_kernel", 3)
+        return build_deit(
+            num_classes, img_size, vit, drop_path_rate=drop_path_rate, final_norm=final_norm, head_kernel=kernel
+        )
+    if arch != "swtformer":
+        raise ValueError(f"unknown model.arch {arch!r} (swtformer | deit)")
     trunk = build_backbone(
         backbone, img_size, swin=swin, pretrained=pretrained, drop_path_rate=drop_path_rate, final_norm=final_norm
     )
@@ -280,9 +300,13 @@ def build_model(
 
 @torch.no_grad()
 def evaluate_classifier(
-    model: SWTformer, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, amp: bool
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, amp: bool
 ) -> dict[str, float]:
-    """Class-wise and sample-wise mAP of the classifier's sigmoid scores on batches of ``ClassificationEvalSet``."""
+    """Class-wise and sample-wise mAP of the classifier's sigmoid scores on batches of ``ClassificationEvalSet``.
+
+    ``model`` is an :class:`SWTformer` or a :class:`pipeline.models.deit.DeiTClassifier` (anything with
+    ``classify``: GAP of the CAM head for SWTformer, the class token for DeiT).
+    """
     was_training = model.training
     model.eval()
     scores, targets = [], []
@@ -295,7 +319,7 @@ def evaluate_classifier(
     return classification_map(np.concatenate(scores), np.concatenate(targets))
 
 
-def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[SWTformer, dict[str, Any]]:
+def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the classifier from ``model.safetensors`` + ``meta.json`` written by ``train_cls``.
 
     Returns:
@@ -307,7 +331,10 @@ def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[SWTfor
     required = ("model", "num_classes", "img_size", "mean", "std", "class_names")
     weights, meta = read_model_dir(model_dir, "classifier", "train_cls", required)
     try:
-        model = build_model(meta["num_classes"], meta["img_size"], **{**meta["model"], "pretrained": "none"})
+        config = {**meta["model"], "pretrained": "none"}
+        if isinstance(config.get("vit"), dict):
+            config["vit"] = {**config["vit"], "pretrained": "none"}
+        model = build_model(meta["num_classes"], meta["img_size"], **config)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelError(
             f"{Path(model_dir) / META} does not describe a classifier this version builds ({one_line(exc)}; "
