@@ -199,7 +199,7 @@ def refine_pseudo_labels(
     _log_galleries(live, picks, data, params.method)
     metrics = scores.metrics(data.class_names) | {"images_without_labels": sum(not data.labels.get(i) for i in ids)}
     for name, value in metrics.items():
-        live.log_metric(name, round(float(value), 5), plot=False)
+        live.log_metric(name, value if isinstance(value, int) else round(float(value), 5), plot=False)
     live.end()
     return metrics
 
