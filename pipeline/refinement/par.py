@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -69,14 +70,15 @@ def neighbour_index(
         device: Where the index lives.
 
     Returns:
-        (N, h * w) int64, N = 8 * len(dilations); row n holds neighbour n of every pixel (row-major pixels).
+        (N, h * w) int32 (``index_select`` gathers faster with it), N = 8 * len(dilations); row n holds
+        neighbour n of every pixel (row-major pixels).
     """
     offsets = neighbour_offsets(dilations).to(device)  # (N, 2)
     ys = torch.arange(height, device=device).view(1, height, 1)  # (1, h, 1)
     xs = torch.arange(width, device=device).view(1, 1, width)  # (1, 1, w)
     ny = (ys + offsets[:, 0].view(-1, 1, 1)).clamp_(0, height - 1)  # (N, h, 1)
     nx = (xs + offsets[:, 1].view(-1, 1, 1)).clamp_(0, width - 1)  # (N, 1, w)
-    return (ny * width + nx).reshape(len(offsets), height * width)  # (N, h*w)
+    return (ny * width + nx).reshape(len(offsets), height * width).int()  # (N, h*w)
 
 
 def gather_neighbours(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -86,8 +88,9 @@ def gather_neighbours(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat.index_select(1, index.reshape(-1)).view(b, c, *index.shape)  # (B, C, N, h*w)
 
 
-def position_weights(dilations: Sequence[int], w1: float = W1) -> torch.Tensor:
-    """``softmax_j k_P(j)`` over the neighbours: (N,) float32 (the same for every pixel)."""
+@lru_cache(maxsize=8)
+def position_weights(dilations: tuple[int, ...], w1: float = W1) -> torch.Tensor:
+    """``softmax_j k_P(j)`` over the neighbours: (N,) float32 (the same for every pixel; cached, do not modify)."""
     dist = neighbour_distances(dilations)  # (N,)
     logits = -((dist / (dist.std() + EPS) / w1) ** 2)  # (N,)
     return logits.softmax(0)
@@ -113,10 +116,11 @@ def par_kernel(
     neighbours = gather_neighbours(image, index)  # (B, 3, N, h*w)
     centred = neighbours - neighbours.mean(2, keepdim=True)  # (B, 3, N, h*w)
     std = (centred.square_().sum(2, keepdim=True) / (index.shape[0] - 1)).sqrt_()  # (B, 3, 1, h*w), unbiased
-    inv_scale = ((std + EPS) * w1).pow_(-2)  # (B, 3, 1, h*w)
-    sq_diff = (neighbours - image.reshape(b, ch, 1, -1)).square_()  # (B, 3, N, h*w), |a - b|^2
-    appearance = (sq_diff * inv_scale).mean(1).neg_()  # (B, N, h*w)
-    position = position_weights(dilations, w1).to(image.device).view(1, -1, 1)  # (1, N, 1)
+    inv_scale = ((std + EPS) * w1).pow_(-2).mul_(-1 / ch)  # (B, 3, 1, h*w), with the channel mean's 1/3 and sign
+    del centred  # in-place from here on: fresh large buffers cost page faults that dominate at this size
+    sq_diff = neighbours.sub_(image.reshape(b, ch, 1, -1)).square_()  # (B, 3, N, h*w), |I(j) - I(i)|^2
+    appearance = sq_diff.mul_(inv_scale).sum(1)  # (B, N, h*w)
+    position = position_weights(tuple(dilations), w1).to(image.device).view(1, -1, 1)  # (1, N, 1)
     return appearance.softmax(1) + w2 * position  # (B, N, h*w)
 
 
@@ -133,19 +137,33 @@ class SparsePattern:
     def __init__(self, index: torch.Tensor) -> None:
         n, hw = index.shape
         rows = torch.arange(hw, device=index.device).repeat(n)  # (N*h*w,), entry (j, i) -> pixel i
-        keys, slot = torch.unique(rows * hw + index.reshape(-1), sorted=True, return_inverse=True)  # (nnz,)
+        keys, slot = torch.unique(rows * hw + index.reshape(-1).long(), sorted=True, return_inverse=True)  # (nnz,)
         counts = torch.bincount(keys // hw, minlength=hw)  # (h*w,) distinct neighbours per pixel
         self.pixels, self.nnz, self.slot = hw, len(keys), slot  # slot: (N*h*w,) in [0, nnz)
         self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # (h*w + 1,)
         self.col = keys % hw  # (nnz,)
+        self._batched: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def indices(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """CSR row pointers (B*h*w + 1,) and columns (B*nnz,) of the block-diagonal batch (cached per size).
+
+        int32 where they fit, as the sparse kernels (MKL, cuSPARSE) use: int64 would be converted at every product.
+        """
+        if self._batched is None or self._batched[0] != batch:
+            shift = torch.arange(batch, device=self.crow.device).view(batch, 1)  # (B, 1)
+            crow = torch.cat(
+                [(self.crow[:-1] + shift * self.nnz).reshape(-1), self.crow.new_tensor([batch * self.nnz])]
+            )
+            col = (self.col + shift * self.pixels).reshape(-1)  # (B*nnz,)
+            dtype = torch.int32 if batch * max(self.nnz, self.pixels) < 2**31 else torch.int64
+            self._batched = batch, crow.to(dtype), col.to(dtype)
+        return self._batched[1], self._batched[2]
 
     def matrix(self, kernel: torch.Tensor) -> torch.Tensor:
         """The block-diagonal propagation matrix of a batch: (B, N, h*w) kernel -> sparse CSR (B*h*w, B*h*w)."""
         b = kernel.shape[0]
         values = kernel.new_zeros(b, self.nnz).index_add_(1, self.slot, kernel.reshape(b, -1))  # (B, nnz)
-        shift = torch.arange(b, device=kernel.device).view(b, 1)  # (B, 1)
-        crow = torch.cat([(self.crow[:-1] + shift * self.nnz).reshape(-1), self.crow.new_tensor([b * self.nnz])])
-        col = (self.col + shift * self.pixels).reshape(-1)  # (B*nnz,)
+        crow, col = self.indices(b)
         size = (b * self.pixels, b * self.pixels)
         with warnings.catch_warnings():  # torch warns once that CSR support is "beta"; it is exact here
             warnings.simplefilter("ignore", UserWarning)
