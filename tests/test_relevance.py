@@ -3,11 +3,19 @@ gradient-only map is the hand formula, the last block is the one-block rollout, 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from conftest import tiny_params_dict, write_params
+from typer.testing import CliRunner
 
 from pipeline.config import ModelParams, RelevanceParams, ViTParams
+from pipeline.io import CamStore
 from pipeline.models.swtformer import build_model
+from pipeline.refinement.wegformer import write_oracle_saliency
 from pipeline.relevance import (
     add_relprop,
     linear_relprop,
@@ -19,6 +27,7 @@ from pipeline.relevance import (
     rollout,
     trace_forward,
 )
+from stages.cli import app
 
 TINY_VIT = {"patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}
 IMG = 16
@@ -152,3 +161,63 @@ def test_multiscale_maps_shape_range_and_flip():
     assert maps[0, 0].abs().sum() == 0
     mirrored = multiscale_relevance(model, x.flip(-1), [[2]], (1.0, 0.5), True, params)
     assert torch.allclose(mirrored.flip(-1), maps, atol=1e-9)  # the flip pair makes the map flip-symmetric
+
+
+# --- the stages ----------------------------------------------------------------------------------------------
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def relevance_run(tmp_path_factory) -> Path:
+    """prepare -> train_cls -> cams (relevance: full, all blocks) with the tiny DeiT; returns the output root."""
+    root = tmp_path_factory.mktemp("relevance")
+    raw = tiny_params_dict(
+        model={"arch": "deit", "vit": {**TINY_VIT, "patch_size": 8}},
+        cams={"relevance": {"kind": "full", "blocks": "all", "class_batch": 3}},
+    )
+    params = write_params(root / "params.yaml", raw)
+    common = ["--data", root / "prepared", "--model-dir", root / "models"]
+    stages = {
+        "prepare": ["--out", root / "prepared"],
+        "train_cls": [*common, "--results", root / "results/train_cls", "--checkpoint", root / "ckpt.pt"],
+        "cams": [*common, "--results", root / "results/cams", "--out", root / "cams"],
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # keep dvclive away from the repository's own DVC workspace
+        for stage, args in stages.items():
+            result = _invoke(stage, "--params", params, *args)
+            assert result.exit_code == 0, f"wsss {stage} failed:\n{result.output}\n{result.exception!r}"
+    return root
+
+
+def test_cams_stores_and_scores_the_relevance_map(relevance_run):
+    store = CamStore(relevance_run / "cams")
+    entry = store.load(store.ids[0])
+    assert set(entry) == {"keys", "cam", "relevance"}
+    relevance = entry["relevance"]
+    assert relevance.shape == entry["cam"].shape and relevance.min() >= 0 and relevance.max() <= 1 + 1e-6
+    assert np.allclose(relevance[0], 1 - relevance[1:].max(axis=0), atol=1e-2), "background = 1 - max"
+    metrics = json.loads((relevance_run / "results/cams/metrics.json").read_text())
+    assert 0 <= metrics["relevance"]["miou_best"] <= 1
+
+
+def test_refine_reads_relevance_with_soft_erase_epom_and_oracle_saliency(relevance_run, monkeypatch):
+    monkeypatch.chdir(relevance_run)
+    oracle = relevance_run / "oracle"
+    write_oracle_saliency(relevance_run / "prepared", oracle, "train")
+    weg = {"soft_erase": 0.55, "epom": True, "saliency": str(oracle)}
+    for name, wegformer in {"plain": {"soft_erase": 0.55, "epom": True}, "oracle": weg}.items():
+        refine = {"method": "none", "seed_map": "relevance", "workers": 1, "wegformer": wegformer}
+        refine["bg_threshold"] = None if "saliency" in wegformer else 0.5
+        params = write_params(relevance_run / f"{name}.yaml", tiny_params_dict(refine=refine))
+        args = ["--data", "prepared", "--cams", "cams", "--out", f"pl_{name}", "--results", f"results/refine_{name}"]
+        result = _invoke("refine", "--params", params, *args)
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((relevance_run / f"results/refine_{name}/metrics.json").read_text())
+        assert 0 <= metrics["pseudo"]["miou"] <= 1
+    (oracle / f"{CamStore(relevance_run / 'cams').ids[0]}.png").unlink()
+    result = _invoke("refine", "--params", params, *args)
+    assert result.exit_code == 2 and "saliency map missing" in result.output.strip().splitlines()[-1]
