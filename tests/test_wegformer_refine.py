@@ -11,6 +11,7 @@ from pipeline.config import DataParams, RefineParams, SyntheticParams, Wegformer
 from pipeline.errors import DatasetError
 from pipeline.prepare import prepare
 from pipeline.refine import wegformer_label
+from pipeline.refinement.seeds import threshold_labels
 from pipeline.refinement.wegformer import (
     check_saliency_dir,
     drs_ignore,
@@ -115,3 +116,13 @@ def test_oracle_saliency_is_the_ground_truth_foreground(tmp_path):
     image_id = data.split("train")[0]
     saliency = load_saliency(out, image_id, data.load_image(image_id).shape[:2])
     assert np.array_equal(saliency == 1.0, data.load_mask(image_id) != 0)
+
+
+def test_epom_cannot_fire_on_labels_thresholded_from_the_same_maps():
+    """Background means every map <= t, and each class's median over its own pixels is > t: nothing to ignore."""
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 16, 16)).astype(np.float32)
+    keys = np.array([0, 1, 2])
+    labels = threshold_labels(maps, keys, 0.6)
+    assert (labels == 0).any() and (labels != 0).any()
+    assert np.array_equal(epom(labels, maps, keys, fg_threshold=0.5), labels)
