@@ -21,7 +21,7 @@ from pipeline import runtime
 from pipeline.config import CamsParams, SeedLocating
 from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_batches
 from pipeline.data.layout import PreparedDataset
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, ModelError
 from pipeline.io import CamWriter
 from pipeline.live import open_live
 from pipeline.metrics import SeedEvaluator, image_miou, iou_report, threshold_grid
@@ -34,6 +34,7 @@ from pipeline.models.swtformer import (
     max_norm,
     with_background,
 )
+from pipeline.relevance import multiscale_relevance
 from pipeline.viz import Picks, Row, cam_gallery_row, caption, pick_galleries
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,11 @@ def generate_cams(
     evaluators = {"cam": SeedEvaluator(data.num_classes, grid)}
     if model.version == "v2":
         evaluators["rcam"] = SeedEvaluator(data.num_classes, grid)
+    if params.relevance.kind != "none":
+        if model.version != "deit":
+            kind = params.relevance.kind
+            raise ModelError(f"cams.relevance.kind = {kind} needs the DeiT classifier (model.arch: deit)")
+        evaluators["relevance"] = SeedEvaluator(data.num_classes, grid)
     live = open_live(results_dir)
     picks = Picks(params.gallery_size)
     shown = "rcam" if "rcam" in evaluators else "cam"  # failure cases: the lowest IoU of this map's argmax seeds
@@ -162,12 +168,13 @@ def generate_cams(
             labels = [data.labels[i] for i in group]
             mask = present_class_mask(labels, data.num_classes, device)
             cam, rcam = multiscale_maps(model, x, mask, params.scales, params.flip, params.seed_locating)
+            extra = {"rcam": rcam} if rcam is not None else {}
+            if "relevance" in evaluators:
+                args = (params.scales, params.flip, params.relevance)
+                extra["relevance"] = multiscale_relevance(model, x, labels, *args)  # (B, C, H, W)
             for row, image_id in enumerate(group):
                 keys = np.array([0, *labels[row]], dtype=np.int64)
-                fg = cam[row, keys[1:] - 1]  # (n, H, W)
-                maps = {"cam": with_background(fg[None])[0].cpu().numpy()}
-                if rcam is not None:
-                    maps["rcam"] = rcam[row, keys].cpu().numpy()
+                maps = _image_maps(cam[row], extra, row, keys)
                 writer.add(image_id, keys, maps)
                 score = scored is None or image_id in scored
                 gt = data.load_mask(image_id) if score or len(picks.first) < params.gallery_size else None
@@ -188,6 +195,23 @@ def generate_cams(
         headline[f"val/{name}"] = value
     live.end()
     return headline | {"images_without_labels": unlabelled}
+
+
+def _image_maps(cam: torch.Tensor, extra: dict[str, torch.Tensor], row: int, keys: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored maps of one image: (K, H, W) ``cam`` and ``relevance`` with ``1 - max`` as background, ``rcam``.
+
+    Args:
+        cam: (C, H, W) CAM over all foreground classes.
+        extra: Batch maps by name: ``rcam`` (B, K, H, W) over background + all classes, ``relevance`` (B, C, H, W).
+        row: The image's row in the batch.
+        keys: (K,) background + the image's class ids.
+    """
+    maps = {"cam": with_background(cam[keys[1:] - 1][None])[0].cpu().numpy()}
+    if "rcam" in extra:
+        maps["rcam"] = extra["rcam"][row, keys].cpu().numpy()
+    if "relevance" in extra:
+        maps["relevance"] = with_background(extra["relevance"][row, keys[1:] - 1][None])[0].cpu().numpy()
+    return maps
 
 
 def _log_galleries(live: Live, picks: Picks, shown: str, data: PreparedDataset) -> None:

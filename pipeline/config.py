@@ -265,6 +265,20 @@ class SweepParams(Section):
 SeedLocating = Literal["structure", "cam"]
 
 
+class RelevanceParams(Section):
+    """Relevance maps of the DeiT classifier (WegFormer; ``docs/wegformer.md``), stored as the map ``relevance``.
+
+    ``kind``: ``none`` (off), ``full`` (Chefer's LRP relevance, Deep Taylor Decomposition) or ``gradient``
+    (gradient-weighted attention, hooks only). ``blocks``: ``last`` (WegFormer) or ``all`` (rollout).
+    ``class_batch``: (image, class) rows per forward/backward pass (memory: each row holds every block's
+    attention).
+    """
+
+    kind: Literal["none", "full", "gradient"] = "none"
+    blocks: Literal["last", "all"] = "last"
+    class_batch: Annotated[int, Field(ge=1, le=1024)] = 16
+
+
 class CamsParams(Runtime):
     """CAM / R-CAM inference and seed evaluation (``cams``).
 
@@ -283,6 +297,7 @@ class CamsParams(Runtime):
     scales: Annotated[tuple[PositiveFloat, ...], FROM_LIST, Field(min_length=1)] = (1.0, 0.5, 1.5, 2.0)
     flip: bool = True
     seed_locating: SeedLocating = "cam"
+    relevance: RelevanceParams = RelevanceParams()
     shard_size: PositiveInt = 500
     gallery_size: Annotated[int, Field(ge=0, le=64)] = 16
     sweep: SweepParams = SweepParams()
@@ -305,7 +320,7 @@ class CrfParams(Section):
     bilateral_compat: Annotated[float, Field(ge=0)] = 4.0
 
 
-SeedMapName = Literal["auto", "cam", "rcam"]
+SeedMapName = Literal["auto", "cam", "rcam", "relevance"]
 
 
 class AffinityLabelParams(Section):
@@ -401,6 +416,24 @@ class ParParams(Section):
         return self
 
 
+class WegformerParams(Section):
+    """WegFormer's post-processors in ``refine`` (``docs/wegformer.md``), for any stored map.
+
+    ``soft_erase``: ``S_r`` (WegFormer: 0.55) or ``null`` (off): each class map is min-max normalised, clipped at
+    ``S_r`` and divided by it. ``saliency``: a folder of ``<image_id>.png`` saliency maps (0..255) or ``null``;
+    with one the scores are DRS's (background ``1 - saliency``, class cues below ``cue_threshold`` zeroed; pixels
+    where two or more channels exceed ``conflict_threshold``, and fully salient pixels labelled background,
+    become 255). ``epom``: EPOM's ignore step; ``epom_fg_threshold`` is ``T_fg`` of its class-absent branch.
+    """
+
+    soft_erase: Annotated[float, Field(gt=0, le=1)] | None = None
+    saliency: str | None = None
+    cue_threshold: Probability = 0.2
+    conflict_threshold: Probability = 0.9
+    epom: bool = False
+    epom_fg_threshold: Probability = 0.5
+
+
 class RefineParams(Section):
     """Seeds -> pseudo labels (``refine``).
 
@@ -415,12 +448,15 @@ class RefineParams(Section):
     crf: CrfParams = CrfParams()
     psa: PsaParams = PsaParams()
     par: ParParams = ParParams()
+    wegformer: WegformerParams = WegformerParams()
     workers: Annotated[int, Field(ge=0)] = 0
     gallery_size: Annotated[int, Field(ge=0, le=64)] = 16
     score_split: Literal["train", "train_aug", "val"] | None = None
 
     @model_validator(mode="after")
     def _band(self) -> RefineParams:
+        if self.wegformer.saliency is not None and self.bg_threshold is not None:
+            raise ValueError("wegformer.saliency gives the background (1 - saliency): bg_threshold must be null")
         if self.ignore_band is not None:
             low, high = self.ignore_band
             if self.bg_threshold is None or not low <= self.bg_threshold <= high:

@@ -39,6 +39,7 @@ from pipeline.refinement.seeds import (
     threshold_labels,
     with_constant_background,
 )
+from pipeline.refinement.wegformer import check_saliency_dir, drs_ignore, drs_scores, epom, load_saliency, soft_erase
 from pipeline.viz import Picks, Row, caption, label_gallery_row, pick_galleries
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,43 @@ def pseudo_label(
     return argmax_labels(scores, keys)
 
 
+def wegformer_label(
+    image: np.ndarray,
+    maps: np.ndarray,
+    keys: np.ndarray,
+    params: RefineParams,
+    affinity: AffinityModel | None,
+    saliency: np.ndarray | None,
+) -> np.ndarray:
+    """:func:`pseudo_label` with ``refine.wegformer``'s steps around it (each off unless set).
+
+    Soft erase flattens the class maps; with a saliency map the scores are DRS's (background ``1 - saliency``,
+    weak cues zeroed) and DRS's ignored pixels are set after the method; EPOM then ignores background pixels that
+    score above a class's threshold on the (soft-erased) maps.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        maps: (K, H, W) stored maps, channel 0 background.
+        keys: (K,) class ids of the channels.
+        params: The ``refine`` section.
+        affinity: The AffinityNet, for ``psa`` and ``psa_crf``.
+        saliency: (H, W) saliency in [0, 1], or ``None``.
+
+    Returns:
+        (H, W) uint8 class ids, 255 = ignore.
+    """
+    weg = params.wegformer
+    if weg.soft_erase is not None:
+        maps = soft_erase(maps, weg.soft_erase)
+    scores = drs_scores(maps, saliency, weg.cue_threshold) if saliency is not None else maps  # (K, H, W)
+    label = pseudo_label(image, scores, keys, params, affinity)
+    if saliency is not None:
+        label = drs_ignore(label, scores, saliency, weg.conflict_threshold)
+    if weg.epom:
+        label = epom(label, maps, keys, weg.epom_fg_threshold)
+    return label
+
+
 _WORKER: dict[str, object] = {}
 
 
@@ -136,20 +174,20 @@ def _init_worker(params: RefineParams, model_dir: str | None) -> None:
 
 
 def _job(job: tuple) -> np.ndarray:
-    image, maps, keys = job
-    return pseudo_label(image, maps, keys, _WORKER["params"], _WORKER["affinity"])
+    image, maps, keys, saliency = job
+    return wegformer_label(image, maps, keys, _WORKER["params"], _WORKER["affinity"], saliency)
 
 
 def pseudo_labels(
-    jobs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    jobs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]],
     params: RefineParams,
     model_dir: Path | None,
     workers: int,
 ) -> Iterator[np.ndarray]:
-    """Pseudo labels for ``(image, maps, keys)`` jobs, in order, computed by ``workers`` processes.
+    """Pseudo labels for ``(image, maps, keys, saliency)`` jobs, in order, computed by ``workers`` processes.
 
     Args:
-        jobs: Iterable of ``(image, maps, keys)``.
+        jobs: Iterable of ``(image, maps, keys, saliency or None)``.
         params: The ``refine`` section.
         model_dir: The AffinityNet directory (needed for the PSA methods, else ``None``).
         workers: Number of processes (1 = in this process).
@@ -207,7 +245,7 @@ def refine_pseudo_labels(
         The metrics (pseudo-label and seed mIoU on the images with ground truth, ignored fraction, ...).
 
     Raises:
-        DatasetError: If an input is missing or the seed map is not in the store.
+        DatasetError: If an input (a saliency map too) is missing or the seed map is not in the store.
     """
     data = PreparedDataset.open(data_dir)
     store = open_cam_store(cams_dir)
@@ -222,10 +260,15 @@ def refine_pseudo_labels(
     workers = resolve_workers(params.workers)
     log.info("refine: method=%s, seed map=%s, %d images, %d worker(s)", params.method, seed_map, len(ids), workers)
 
+    saliency_dir = params.wegformer.saliency
+    saliency_dir = check_saliency_dir(saliency_dir) if saliency_dir is not None else None
+
     def jobs():
         for image_id in ids:
             entry = store.load(image_id)
-            yield data.load_image(image_id), entry[seed_map].astype(np.float32), entry["keys"].astype(np.int64)
+            image = data.load_image(image_id)
+            saliency = load_saliency(saliency_dir, image_id, image.shape[:2]) if saliency_dir else None
+            yield image, entry[seed_map].astype(np.float32), entry["keys"].astype(np.int64), saliency
 
     live = open_live(results_dir)
     live.log_params({"seed_map": seed_map, "workers": workers})

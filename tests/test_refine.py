@@ -268,7 +268,7 @@ def _jobs(count: int, size: int = 24):
         image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
         image[:, size // 2 :] = (20, 200, 20)
         maps = rng.random((3, size, size)).astype(np.float32)
-        yield image, maps, np.array([0, 1, 3])
+        yield image, maps, np.array([0, 1, 3]), None
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +279,7 @@ def tiny_affinity_model() -> AffinityModel:
 
 @pytest.mark.parametrize("method", ["none", "crf", "psa", "psa_crf", "par", "par_crf"])
 def test_pseudo_label_methods_use_only_the_image_classes(method, tiny_affinity_model):
-    image, maps, keys = next(_jobs(1))
+    image, maps, keys, _ = next(_jobs(1))
     net = tiny_affinity_model
     params = RefineParams(method=method, crf=CrfParams(iterations=3, bilateral_sxy=10))
     labels = pseudo_label(image, maps, keys, params, net)

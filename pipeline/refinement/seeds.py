@@ -11,7 +11,7 @@ from pipeline.data.layout import IGNORE
 from pipeline.errors import DatasetError
 from pipeline.io import CamStore
 
-SeedMap = Literal["auto", "cam", "rcam"]
+SeedMap = Literal["auto", "cam", "rcam", "relevance"]
 
 
 def open_cam_store(cams_dir: Path | str) -> CamStore:
@@ -31,7 +31,7 @@ def choose_seed_map(available: list[str] | tuple[str, ...], seed_map: SeedMap) -
 
     Args:
         available: Map names in the store entry of an image (e.g. ``["cam", "rcam"]``).
-        seed_map: ``auto``, ``cam`` or ``rcam``.
+        seed_map: ``auto``, ``cam``, ``rcam`` or ``relevance`` (the DeiT's, ``cams.relevance``).
 
     Returns:
         The map name to read.
