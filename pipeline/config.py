@@ -377,15 +377,40 @@ class PsaParams(Section):
     logt: Annotated[int, Field(ge=0, le=12)] = 6
 
 
+class ParParams(Section):
+    """PAR, AFA's pixel-adaptive refinement (``refine.method: par | par_crf``); defaults are AFA's constants.
+
+    ``thresholds: null`` refines the seed scores with the background of ``refine`` (the stored channel or
+    ``bg_threshold``) into dense labels; ``[low, high]`` is AFA / AReAM's three-state recipe (a constant
+    background of ``high`` gives the foreground, one of ``low`` the background, the rest is 255).
+    """
+
+    dilations: Annotated[tuple[Annotated[int, Field(ge=1, le=256)], ...], FROM_LIST] = (1, 2, 4, 8, 12, 24)
+    iterations: Annotated[int, Field(ge=1, le=100)] = 10
+    w1: PositiveFloat = 0.3
+    w2: Annotated[float, Field(ge=0)] = 0.01
+    scale: Annotated[float, Field(gt=0, le=1)] = 0.5
+    thresholds: Annotated[tuple[Probability, Probability], FROM_LIST] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ParParams:
+        if not self.dilations:
+            raise ValueError("dilations must name at least one dilation")
+        if self.thresholds is not None and not self.thresholds[0] < self.thresholds[1]:
+            raise ValueError("thresholds must be [low, high] with low < high")
+        return self
+
+
 class RefineParams(Section):
     """Seeds -> pseudo labels (``refine``)."""
 
-    method: Literal["none", "crf", "psa", "psa_crf"] = "crf"
+    method: Literal["none", "crf", "psa", "psa_crf", "par", "par_crf"] = "crf"
     seed_map: SeedMapName = "auto"
     bg_threshold: Probability | None = None
     ignore_band: Annotated[tuple[Probability, Probability], FROM_LIST] | None = None
     crf: CrfParams = CrfParams()
     psa: PsaParams = PsaParams()
+    par: ParParams = ParParams()
     workers: Annotated[int, Field(ge=0)] = 0
     gallery_size: Annotated[int, Field(ge=0, le=64)] = 16
 

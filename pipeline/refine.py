@@ -1,4 +1,4 @@
-"""``refine``: seeds -> one pseudo-label PNG per image, by threshold, dense CRF, PSA random walk, or both.
+"""``refine``: seeds -> one pseudo-label PNG per image, by threshold, dense CRF, PSA random walk, PAR, or combinations.
 
 Per-image work runs in a process pool (one torch thread per worker). Ground truth is read only for the
 metrics: pseudo-label mIoU (pixels labelled 255 are not scored; their share is reported), the mIoU of the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from dvclive import Live
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.config import RefineParams
+from pipeline.config import ParParams, RefineParams
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import save_label_png
@@ -28,6 +29,7 @@ from pipeline.models.affinitynet import AffinityModel, load_affinity_model
 from pipeline.outputs import replaced_dir
 from pipeline.parallel import map_ordered, resolve_workers
 from pipeline.refinement.crf import dense_crf
+from pipeline.refinement.par import PAR, refine_at_scale
 from pipeline.refinement.random_walk import walk_seed_scores
 from pipeline.refinement.seeds import (
     argmax_labels,
@@ -35,11 +37,57 @@ from pipeline.refinement.seeds import (
     open_cam_store,
     seed_scores,
     threshold_labels,
+    with_constant_background,
 )
 from pipeline.viz import Picks, Row, caption, label_gallery_row, pick_galleries
 
 log = logging.getLogger(__name__)
 PSA_METHODS = ("psa", "psa_crf")
+PAR_METHODS = ("par", "par_crf")
+
+
+@lru_cache(maxsize=2)
+def _par_module(params: ParParams) -> PAR:
+    """One PAR per worker and parameter set, so its neighbour index and sparsity pattern are reused."""
+    return PAR(params.dilations, params.iterations, params.w1, params.w2)
+
+
+def par_pseudo_label(image: np.ndarray, maps: np.ndarray, keys: np.ndarray, params: RefineParams) -> np.ndarray:
+    """``refine.method: par | par_crf``: PAR on the softmax of the seed scores (AFA), optionally then the CRF.
+
+    With ``refine.par.thresholds: null`` the scores are ``[bg ; M_c]`` with ``refine``'s background and every
+    pixel gets the argmax. With ``[low, high]`` (AFA / AReAM) two stacks with the constant backgrounds ``high``
+    and ``low`` share one PAR kernel: the ``high`` labels are kept where they are foreground, background is
+    where the ``low`` labels are background too, the rest is 255.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        maps: (K, H, W) seed maps, channel 0 background.
+        keys: (K,) class ids of the channels.
+        params: The ``refine`` section.
+
+    Returns:
+        (H, W) uint8 class ids, 255 = ignore (only with thresholds).
+    """
+    thresholds = params.par.thresholds
+    if thresholds is None:
+        stacks = seed_scores(maps, params.bg_threshold)[None]  # (1, K, H, W)
+    else:
+        stacks = np.stack([with_constant_background(maps, t) for t in (thresholds[1], thresholds[0])])  # (2, K, H, W)
+    rgb = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+    with torch.inference_mode():
+        refined = refine_at_scale(_par_module(params.par), rgb, torch.from_numpy(stacks)[None], params.par.scale)
+    if params.method == "par_crf":
+        crf = params.crf.model_dump()
+        choice = np.stack([dense_crf(image, probs, **crf).argmax(0) for probs in refined[0].numpy()])  # (S, H, W)
+    else:
+        choice = refined[0].max(1).indices.numpy()  # (S, H, W); first max like argmax_labels; torch's argmax
+        # over a leading dimension is ~10x slower than max here
+    labels = np.asarray(keys)[choice].astype(np.uint8)  # (S, H, W)
+    if thresholds is None:
+        return labels[0]
+    high, low = labels
+    return np.where(high != 0, high, np.where(low == 0, 0, IGNORE)).astype(np.uint8)
 
 
 def pseudo_label(
@@ -55,10 +103,12 @@ def pseudo_label(
         affinity: The AffinityNet, for ``psa`` and ``psa_crf``.
 
     Returns:
-        (H, W) uint8 class ids (255 = ignore, only from ``none`` with an ignore band).
+        (H, W) uint8 class ids (255 = ignore, only from ``none`` with an ignore band and PAR with thresholds).
     """
     if params.method == "none":
         return threshold_labels(maps, keys, params.bg_threshold, params.ignore_band)
+    if params.method in PAR_METHODS:
+        return par_pseudo_label(image, maps, keys, params)
     scores = seed_scores(maps, params.bg_threshold)  # (K, H, W)
     if params.method in PSA_METHODS:
         if affinity is None:

@@ -1,4 +1,4 @@
-"""``wsss refine``: seeds -> pseudo-label PNGs (threshold, dense CRF, PSA random walk, or PSA + CRF)."""
+"""``wsss refine``: seeds -> pseudo-label PNGs (threshold, dense CRF, PSA random walk, PAR, or those + CRF)."""
 
 from __future__ import annotations
 
