@@ -8,10 +8,10 @@ L blocks, ``split`` = L0):
 
 1. Affinity of block l: ``A_l`` = head mean of the softmax attention restricted to patch x patch (B, N, N).
 2. Shallow fusion ``A = mean_{l < L0} (1 - e_l) A_l`` (``e_l = 0`` for uniform weights), the CAM re-activated as
-   ``cam'_m = sum_n A_mn cam_n`` on the token grid, upsampled to S x S, ReLU, per-class min-max normalised and
-   multiplied by the image labels.
-3. Reliable labels: PAR (AFA's, half resolution) on ``[t ; cam']`` for the two background scores t_l < t_h;
-   ``Y = L_h``, ``Y = 255`` where ``L_h`` is background but ``L_l`` is not, padding 255.
+   ``cam'_m = sum_n A_mn cam_n`` on the token grid, ReLU, per-class min-max normalised.
+3. Reliable labels: PAR (AFA's) at ``par_scale`` of the crop on the softmax of ``[t ; cam' of the image's
+   classes]`` for the two background scores t_l < t_h; ``Y = L_h``, ``Y = 255`` where ``L_h`` is background but
+   ``L_l`` is not, padding 255.
 4. Pair labels at the token grid (nearest): 1 same label, 0 different, 255 if either token is 255 (all pairs).
 5. Per deep block ``z`` = head mean of the scaled pre-softmax logits on patch x patch;
    ``L_l = 1/2 sum_pos (1 - sigmoid z) / (N_pos + 1) + 1/2 sum_neg sigmoid z / (N_neg + 1)`` (AFA's loss), and
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.refinement.par import PAR, refine_at_scale
+from pipeline.refinement.par import PAR, scaled_size
 
 IGNORE = 255
 ABSENT = -1e4
@@ -102,32 +102,56 @@ def minmax_per_channel(x: torch.Tensor) -> torch.Tensor:
     return (x - low) / (high - low + EPS)
 
 
+def present_channels(cam: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CAMs of each image's own classes, padded to the batch's largest count K with :data:`ABSENT`.
+
+    Args:
+        cam: (B, C, h, w) CAMs.
+        labels: (B, C) image-level labels.
+
+    Returns:
+        ``(maps, classes)``: (B, K, h, w) float32 maps and (B, K) their 1-based class ids (padding: 0).
+    """
+    k = max(1, int(labels.sum(dim=1).max().item()))
+    order = labels.float().topk(k, dim=1).indices  # (B, K): present classes first
+    present = labels.gather(1, order) > 0  # (B, K)
+    maps = cam.float().gather(1, order[:, :, None, None].expand(-1, -1, *cam.shape[-2:]))  # (B, K, h, w)
+    maps = torch.where(present[:, :, None, None], maps, torch.full_like(maps, ABSENT))
+    return maps, (order + 1) * present
+
+
 def reliable_labels(
     par: PAR, image: torch.Tensor, cam: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-    thresholds: tuple[float, float],
+    thresholds: tuple[float, float], size: tuple[int, int],
 ) -> torch.Tensor:  # fmt: skip
     """Three-state labels from CAMs refined by PAR at two background scores (AFA's ``refine_cams_with_bkg_v2``).
 
+    PAR runs at ``size`` (AFA / AReAM: half the crop) on the image and the CAMs resampled there (bilinear), on
+    a constant background channel and the image's own classes, softmax over them; the argmax is taken there.
+
     Args:
         par: The PAR module.
-        image: (B, 3, S, S) image (any per-channel affine normalisation: PAR divides by local stds).
-        cam: (B, C, S, S) CAMs in [0, 1].
+        image: (B, 3, S1, S2) image (any per-channel affine normalisation: PAR divides by local stds).
+        cam: (B, C, h, w) CAMs in [0, 1], any resolution.
         labels: (B, C) image-level labels (absent classes cannot be chosen).
-        valid: (B, 1, S, S) 1 on image pixels, 0 on crop padding (labelled 255).
+        valid: (B, 1, S1, S2) 1 on image pixels, 0 on crop padding (labelled 255).
         thresholds: ``(t_l, t_h)`` background scores, t_l <= t_h.
+        size: The resolution PAR runs at and the labels have.
 
     Returns:
-        (B, S, S) int64: 0 background, k class k (1-based), 255 ignored (uncertain or padding).
+        (B, *size) int64: 0 background, k class k (1-based), 255 ignored (between the two scores, or padding).
     """
-    b, c, s1, s2 = cam.shape
-    present = labels.bool()[:, :, None, None]  # (B, C, 1, 1)
-    fg = torch.where(present, cam.float(), torch.full_like(cam, ABSENT, dtype=torch.float32))  # (B, C, S, S)
-    stacks = [torch.cat([torch.full_like(fg[:, :1], t), fg], dim=1) for t in thresholds]  # 2 x (B, 1+C, S, S)
-    refined = refine_at_scale(par, image, torch.stack(stacks, dim=1))  # (B, 2, 1+C, S, S)
-    low, high = refined.argmax(dim=2).unbind(1)  # (B, S, S) each
-    out = high.clone()
+    fg, classes = present_channels(cam, labels)  # (B, K, h, w), (B, K)
+    if tuple(fg.shape[-2:]) != tuple(size):
+        fg = F.interpolate(fg, size=size, mode="bilinear", align_corners=False)  # (B, K, *size)
+    small = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False)  # (B, 3, *size)
+    stacks = [torch.cat([torch.full_like(fg[:, :1], t), fg], dim=1).softmax(dim=1) for t in thresholds]
+    refined = par(small, torch.cat(stacks, dim=1))  # (B, 2 * (1 + K), *size)
+    low, high = refined.view(fg.shape[0], 2, -1, *size).argmax(dim=2).unbind(1)  # (B, *size) channel indices
+    ids = torch.cat([torch.zeros_like(classes[:, :1]), classes], dim=1)  # (B, 1 + K): channel -> class id
+    out = ids.gather(1, high.flatten(1)).view_as(high)  # (B, *size)
     out[(high == 0) & (low != 0)] = IGNORE
-    out[valid[:, 0] < 0.5] = IGNORE
+    out[F.interpolate(valid.float(), size=size, mode="nearest")[:, 0] < 0.5] = IGNORE
     return out
 
 
@@ -170,7 +194,7 @@ def aream_terms(
         images: (B, 3, S, S) the training crops.
         labels: (B, C) image-level labels.
         valid: (B, 1, S, S) valid pixels of the crops.
-        cfg: ``loss.aream`` as a mapping (``split``, ``bg_thresholds``, ``weights``).
+        cfg: ``loss.aream`` as a mapping (``split``, ``bg_thresholds``, ``weights``, ``par_scale``).
 
     Returns:
         ``aff`` (the weighted mean over deep blocks, with gradients) and ``aff_ignored`` (the ignored share of
@@ -182,9 +206,9 @@ def aream_terms(
         cam = out["cam"].detach().float() * labels[:, :, None, None]  # (B, C, h, w)
         e = entropy_weights(layer_entropy(probs, prefix, cam)) if cfg["weights"] == "entropy" else None
         shallow = fused_affinity(probs[:split], prefix, None if e is None else 1 - e[:split])  # (B, N, N)
-        cam = F.interpolate(reactivate(cam, shallow), size=images.shape[-2:], mode="bilinear", align_corners=False)
-        cam = minmax_per_channel(F.relu(cam)) * labels[:, :, None, None]  # (B, C, S, S)
-        seg = reliable_labels(par, images, cam, labels, valid, tuple(cfg["bg_thresholds"]))  # (B, S, S)
+        cam = minmax_per_channel(F.relu(reactivate(cam, shallow)))  # (B, C, h, w); bilinear keeps min and max
+        size = scaled_size(*images.shape[-2:], cfg["par_scale"])
+        seg = reliable_labels(par, images, cam, labels, valid, tuple(cfg["bg_thresholds"]), size)  # (B, *size)
         pairs = pair_labels(seg, tuple(out["cam"].shape[-2:]))  # (B, N, N)
     deep = [affinity_loss(patch_affinity(z, prefix), pairs) for z in logits[split:]]
     weights = [1.0] * len(deep) if e is None else e[split:]

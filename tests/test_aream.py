@@ -16,6 +16,7 @@ from torch.testing import assert_close
 from typer.testing import CliRunner
 
 from pipeline.aream import (
+    ABSENT,
     IGNORE,
     affinity_loss,
     aream_terms,
@@ -23,6 +24,7 @@ from pipeline.aream import (
     fused_affinity,
     layer_entropy,
     pair_labels,
+    present_channels,
     reactivate,
     reliable_labels,
 )
@@ -126,23 +128,33 @@ def test_entropy_weights_on_a_hand_case():
 
 
 def test_reliable_labels_three_bands_an_absent_class_and_padding():
-    # three colour bands; class 1's CAM is 1 / 0.45 / 0 on them. Background scores 0.35 and 0.55:
+    # three colour bands; class 2's CAM is 1 / 0.45 / 0 on them. Background scores 0.35 and 0.55:
     # 1 is foreground at both, 0.45 only at the low one (ignored), 0 at neither (background).
     s = 24
     image = torch.zeros(1, 3, s, s)
     image[:, 0, :, 8:16] = 1.0
     image[:, 1, :, 16:] = 1.0
-    cam = torch.zeros(1, 2, s, s)
-    cam[:, 0, :, :8], cam[:, 0, :, 8:16] = 1.0, 0.45
-    cam[:, 1] = 1.0  # class 2 is absent from the image: never chosen
-    labels = torch.tensor([[1.0, 0.0]])
+    cam = torch.zeros(1, 3, s, s)
+    cam[:, 1, :, :8], cam[:, 1, :, 8:16] = 1.0, 0.45
+    cam[:, 0] = cam[:, 2] = 1.0  # classes 1 and 3 are absent from the image: never chosen
+    labels = torch.tensor([[0.0, 1.0, 0.0]])
     valid = torch.ones(1, 1, s, s)
     valid[..., -2:, :] = 0  # crop padding
-    seg = reliable_labels(PAR(), image, cam, labels, valid, (0.35, 0.55))[0]
+    seg = reliable_labels(PAR(), image, cam, labels, valid, (0.35, 0.55), (s, s))[0]
     assert seg.shape == (s, s)
-    assert bool((seg[:-2, 1:7] == 1).all()) and bool((seg[:-2, 9:15] == IGNORE).all())
+    assert bool((seg[:-2, 1:7] == 2).all()) and bool((seg[:-2, 9:15] == IGNORE).all())
     assert bool((seg[:-2, 17:] == 0).all()) and bool((seg[-2:] == IGNORE).all())
-    assert not bool((seg == 2).any())
+    assert set(seg.unique().tolist()) == {0, 2, IGNORE}
+    # at half resolution (AFA's), from a CAM on a coarser grid: the same bands
+    half = reliable_labels(PAR(), image, cam[..., ::2, ::2], labels, valid, (0.35, 0.55), (12, 12))[0]
+    assert half[0, 1] == 2 and half[0, 5] == IGNORE and half[0, 10] == 0 and half[-1, 0] == IGNORE
+
+
+def test_present_channels_pad_with_absent_and_name_the_classes():
+    cam = torch.arange(3.0).view(1, 3, 1, 1).expand(2, 3, 1, 1)
+    maps, classes = present_channels(cam, torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]))
+    assert classes.tolist() == [[2, 3], [1, 0]]
+    assert maps[:, :, 0, 0].tolist() == [[1.0, 2.0], [0.0, ABSENT]]
 
 
 # --- the training term on the tiny DeiT -----------------------------------------------------------------------
@@ -154,7 +166,7 @@ def test_aream_terms_reach_the_deep_blocks_only(weights):
     images = torch.randn(2, 3, IMG, IMG)
     out = model(images, attention=True)
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    cfg = {"split": 1, "bg_thresholds": (0.35, 0.55), "weights": weights}
+    cfg = {"split": 1, "bg_thresholds": (0.35, 0.55), "weights": weights, "par_scale": 0.5}
     terms = aream_terms(PAR(), out, images, labels, torch.ones(2, 1, IMG, IMG), cfg)
     assert terms["aff"].ndim == 0 and 0 <= terms["aff"].item() <= 0.5
     assert 0 <= terms["aff_ignored"].item() <= 1
