@@ -9,10 +9,11 @@ Gaussian noise (std 0.1), background channel ``1 - max``; the time of neither me
 With ``--cams`` (a CAM store) and ``--data`` (its prepared dataset) the stored seeds are used instead.
 
 Prints the per-image times, the ratio CRF / PAR (the issue asks for >= 5), how often the two label the same
-pixel, and their pseudo-label mIoU against the ground truth (informative only on real seeds). Each method is
-timed over ``--repeats`` passes after one warm-up image; the best pass is reported (least disturbed by other
-jobs). Run with one thread for both (``OMP_NUM_THREADS=1``); ``--threads`` sets torch's threads for PAR
-(pydensecrf is single-threaded).
+pixel, and their pseudo-label mIoU against the ground truth (informative only on real seeds). Each of
+``--repeats`` passes runs CRF over all images, then PAR (after one warm-up image each), as a ``refine`` worker
+runs one method image after image; each image's time is its best pass, which filters out bursts of load from
+other jobs. Run with one thread for both
+(``OMP_NUM_THREADS=1``); ``--threads`` sets torch's threads for PAR (pydensecrf is single-threaded).
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/par_vs_crf.py [--params params.yaml] [--images 200] [--repeats 3]
        [--threads 1] [--data data/prepared --cams data/cams]
@@ -66,15 +67,23 @@ def stored_jobs(data_dir: str, cams_dir: str, seed_map: str, count: int) -> tupl
     return jobs, data.class_names
 
 
-def timed(jobs: list[tuple], params, repeats: int) -> tuple[float, list[np.ndarray]]:
-    """Best-of-``repeats`` seconds per image, and the labels."""
-    pseudo_label(*jobs[0][:3], params, None)  # warm-up: imports, caches (PAR's sparsity pattern)
-    best, labels = float("inf"), []
+def timed(jobs: list[tuple], methods: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[np.ndarray]]]:
+    """Seconds per image of each method (params), and its labels.
+
+    Each pass runs every method over all images in turn, as a ``refine`` worker does (one method, image after
+    image); each image's time is the smallest of ``repeats`` passes, so a burst of load from other jobs that
+    hits one pass of one method is filtered out, and the per-image times are averaged.
+    """
+    best = {name: np.full(len(jobs), np.inf) for name in methods}
+    labels: dict[str, list[np.ndarray]] = {name: [None] * len(jobs) for name in methods}
     for _ in range(repeats):
-        start = time.perf_counter()
-        labels = [pseudo_label(image, maps, keys, params, None) for image, maps, keys, _ in jobs]
-        best = min(best, (time.perf_counter() - start) / len(jobs))
-    return best, labels
+        for name, params in methods.items():
+            pseudo_label(*jobs[0][:3], params, None)  # warm-up: imports, caches (PAR's sparsity pattern)
+            for index, (image, maps, keys, _) in enumerate(jobs):
+                start = time.perf_counter()
+                labels[name][index] = pseudo_label(image, maps, keys, params, None)
+                best[name][index] = min(best[name][index], time.perf_counter() - start)
+    return {name: float(times.mean()) for name, times in best.items()}, labels
 
 
 def miou(labels: list[np.ndarray], jobs: list[tuple], names: list[str]) -> float:
@@ -111,8 +120,9 @@ def main() -> int:
           f"image; torch threads for PAR {torch.get_num_threads()}, OMP_NUM_THREADS={omp}")  # fmt: skip
     print(f"crf: {refine.crf.model_dump()}\npar: {refine.par.model_dump()}")
     load_before = os.getloadavg()[0]
-    crf_s, crf_labels = timed(jobs, refine.model_copy(update={"method": "crf"}), args.repeats)
-    par_s, par_labels = timed(jobs, refine.model_copy(update={"method": "par"}), args.repeats)
+    methods = {name: refine.model_copy(update={"method": name}) for name in ("crf", "par")}
+    seconds, labels = timed(jobs, methods, args.repeats)
+    (crf_s, par_s), (crf_labels, par_labels) = seconds.values(), labels.values()
     print(f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
     print(f"crf: {crf_s * 1e3:7.2f} ms per image\npar: {par_s * 1e3:7.2f} ms per image")
     print(f"crf / par = {crf_s / par_s:.2f} (target >= 5)")

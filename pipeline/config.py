@@ -428,7 +428,11 @@ class ParParams(Section):
 
 
 class RefineParams(Section):
-    """Seeds -> pseudo labels (``refine``)."""
+    """Seeds -> pseudo labels (``refine``).
+
+    Every image of the CAM store gets a pseudo label; the metrics score those with a ground-truth mask, or only
+    those of ``score_split`` when it is set (VOC: ``train``, the 1,464 fine masks, as papers report).
+    """
 
     method: Literal["none", "crf", "psa", "psa_crf", "par", "par_crf"] = "crf"
     seed_map: SeedMapName = "auto"
@@ -439,6 +443,7 @@ class RefineParams(Section):
     par: ParParams = ParParams()
     workers: Annotated[int, Field(ge=0)] = 0
     gallery_size: Annotated[int, Field(ge=0, le=64)] = 16
+    score_split: Literal["train", "train_aug", "val"] | None = None
 
     @model_validator(mode="after")
     def _band(self) -> RefineParams:

@@ -232,12 +232,15 @@ def refine_pseudo_labels(
     scores = _Scores(data.num_classes)
     picks = Picks(params.gallery_size)
     started = time.perf_counter()
+    scored = set(data.split(params.score_split)) & set(ids) if params.score_split else None
+    if scored is not None and not scored:
+        raise DatasetError(f"refine.score_split = {params.score_split} shares no image with the CAM store {cams_dir}")
     bar = tqdm(total=len(ids), desc=f"refine ({params.method})", unit="img", disable=None, mininterval=2)
     labels = zip(ids, pseudo_labels(jobs(), params, model_dir, workers), strict=True)
     with replaced_dir(out_dir) as staging:
         for image_id, label in labels:
             save_label_png(staging / f"{image_id}.png", label, data.palette)
-            if data.mask_path(image_id).is_file():
+            if (scored is None or image_id in scored) and data.mask_path(image_id).is_file():
                 entry = store.load(image_id)
                 seed = threshold_labels(entry[seed_map], entry["keys"], params.bg_threshold)
                 gt = data.load_mask(image_id)
@@ -249,7 +252,7 @@ def refine_pseudo_labels(
     _log_galleries(live, picks, data, params.method)
     metrics = scores.metrics(data.class_names) | {"images_without_labels": sum(not data.labels.get(i) for i in ids)}
     for name, value in metrics.items():
-        live.log_metric(name, round(float(value), 5), plot=False)
+        live.log_metric(name, value if isinstance(value, int) else round(float(value), 5), plot=False)
     live.end()
     return metrics
 

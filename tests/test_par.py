@@ -230,15 +230,14 @@ def prepared_with_seeds(tmp_path_factory) -> tuple[Path, Path]:
     assert result.exit_code == 0, result.output
     data = PreparedDataset.open(root / "prepared")
     rng = np.random.default_rng(0)
-    writer = CamWriter(root / "cams", shard_size=8)
-    for image_id in data.split("train"):
-        keys = np.array([0, *data.labels[image_id]])
-        mask = torch.from_numpy(data.load_mask(image_id).astype(np.int64))
-        onehot = torch.stack([(mask == k).float() for k in keys[1:]])[None]  # (1, K-1, H, W)
-        blurred = F.avg_pool2d(onehot, 5, stride=1, padding=2)[0].numpy()
-        cams = np.clip(blurred + rng.normal(0, 0.1, blurred.shape), 0, 1)
-        writer.add(image_id, keys, {"cam": np.concatenate([1 - cams.max(0, keepdims=True), cams])})
-    writer.close()
+    with CamWriter(root / "cams", shard_size=8) as writer:
+        for image_id in data.split("train"):
+            keys = np.array([0, *data.labels[image_id]])
+            mask = torch.from_numpy(data.load_mask(image_id).astype(np.int64))
+            onehot = torch.stack([(mask == k).float() for k in keys[1:]])[None]  # (1, K-1, H, W)
+            blurred = F.avg_pool2d(onehot, 5, stride=1, padding=2)[0].numpy()
+            cams = np.clip(blurred + rng.normal(0, 0.1, blurred.shape), 0, 1)
+            writer.add(image_id, keys, {"cam": np.concatenate([1 - cams.max(0, keepdims=True), cams])})
     return root, params
 
 

@@ -277,7 +277,7 @@ def tiny_affinity_model() -> AffinityModel:
     return AffinityModel(AffinityNet(**TINY_NET.model_dump()).eval(), radius_offsets(3), (0.5,) * 3, (0.25,) * 3)
 
 
-@pytest.mark.parametrize("method", ["none", "crf", "psa", "psa_crf"])
+@pytest.mark.parametrize("method", ["none", "crf", "psa", "psa_crf", "par", "par_crf"])
 def test_pseudo_label_methods_use_only_the_image_classes(method, tiny_affinity_model):
     image, maps, keys = next(_jobs(1))
     net = tiny_affinity_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,23 @@ def test_refine_none_with_ignore_band_needs_no_affinity_model(tiny_run, tmp_path
     metrics = json.loads((tiny_run / "results/none/metrics.json").read_text())
     assert 0 < metrics["pseudo"]["ignored_fraction"] < 1
     assert any((load_label_png(p) == 255).any() for p in (tiny_run / "none").glob("*.png"))
+
+
+def test_refine_scores_only_score_split(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_run / "prepared", tmp_path / "prepared")
+    few = (tmp_path / "prepared/splits/train.txt").read_text().split()[:5]
+    (tmp_path / "prepared/splits/train_aug.txt").write_text("\n".join(few) + "\n")
+    raw = tiny_params_dict()
+    raw["refine"].update({"method": "none", "workers": 1, "score_split": "train_aug"})
+    args = refine_args(tiny_run, write_params(tmp_path / "params.yaml", raw), out="few")
+    args[args.index("--data") + 1] = tmp_path / "prepared"
+    assert invoke("refine", *args).exit_code == 0
+    assert json.loads((tiny_run / "results/few/metrics.json").read_text())["images_scored"] == 5
+    assert len(list((tiny_run / "few").glob("*.png"))) == 16, "every image still gets a pseudo label"
+    raw["refine"]["score_split"] = "val"  # the store holds train images only
+    line = one_error_line(invoke("refine", *refine_args(tiny_run, write_params(tmp_path / "p.yaml", raw), "v")))
+    assert "refine.score_split = val shares no image" in line
 
 
 def test_refine_psa_without_affinity_model_names_train_aff(tiny_run, tmp_path):
