@@ -6,9 +6,12 @@ R-CAM, all losses (CLS + GSC + CCL), backward, on the same batch and the same we
 
 ``--arch deit`` times the DeiT classifier instead (``model.vit``): (a) the ViT's forward + backward alone and
 (b) its training step (class-token + patch-token soft margin); ``--arch both`` also times a V2 step and prints
-the DeiT step relative to it.
+the DeiT step relative to it. ``--aream`` (with ``deit`` or ``both``) also times (c) the DeiT step with AReAM's
+affinity loss on (``loss.aream`` of the params file, as after the warm-up: explicit attention in every block,
+the shallow re-activation, PAR's reliable labels, the deep blocks' loss) and prints (c) / (b) (target <= 1.5).
 
 Usage: python benchmarks/train_step.py [--params params.yaml] [--batch 16] [--repeats 10] [--arch swtformer]
+    [--aream]
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import time
 
 import torch
 
+from pipeline.aream import aream_terms
 from pipeline.config import load_params
 from pipeline.losses import deit_loss, swtformer_loss
 from pipeline.models.swtformer import build_model
+from pipeline.refinement.par import PAR
 
 
 def _parse() -> argparse.Namespace:
@@ -31,11 +36,13 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--classes", type=int, default=6)
     parser.add_argument("--arch", choices=("swtformer", "deit", "both"), default="swtformer")
+    parser.add_argument("--aream", action="store_true", help="also time the DeiT step with AReAM on")
     return parser.parse_args()
 
 
 def _steps(arch: str, params, args, images, labels, mask) -> tuple:
-    """(model, bare trunk step, full training step) for one architecture, built from seed 0."""
+    """(model, {kind: step}) for one architecture, built from seed 0: the bare trunk, the training step, and for
+    DeiT with ``--aream`` the step with AReAM on."""
     torch.manual_seed(0)
     update = {"version": "v2"} if arch == "swtformer" else {"arch": "deit"}
     model = build_model(args.classes, images.shape[-1], **params.model.model_copy(update=update).model_dump())
@@ -49,6 +56,15 @@ def _steps(arch: str, params, args, images, labels, mask) -> tuple:
         def step() -> None:
             deit_loss(model(images, mask), labels)["total"].backward()
 
+        par, cfg, valid = PAR(), params.loss.aream.model_dump(), mask[:, :1]
+
+        def aream_step() -> None:
+            out = model(images, mask, attention=True)
+            aff = aream_terms(par, out, images, labels, valid, cfg)["aff"]
+            (deit_loss(out, labels)["total"] + cfg["weight"] * aff).backward()
+
+        return model, {"trunk": trunk, "step": step} | ({"aream": aream_step} if args.aream else {})
+
     else:
 
         def trunk() -> None:
@@ -57,7 +73,7 @@ def _steps(arch: str, params, args, images, labels, mask) -> tuple:
         def step() -> None:
             swtformer_loss(model(images, mask), labels, mask, **params.loss.model_dump())["total"].backward()
 
-    return model, trunk, step
+    return model, {"trunk": trunk, "step": step}
 
 
 def main() -> None:
@@ -78,13 +94,14 @@ def main() -> None:
         step()
         return time.perf_counter() - start
 
-    for model, trunk, step in runs.values():  # warm-up
-        timed(model, trunk), timed(model, step)
-    times = {(arch, kind): [] for arch in arches for kind in ("trunk", "step")}
+    for model, steps in runs.values():  # warm-up
+        for step in steps.values():
+            timed(model, step)
+    times = {(arch, kind): [] for arch, (_, steps) in runs.items() for kind in steps}
     for _ in range(args.repeats):
-        for arch, (model, trunk, step) in runs.items():
-            times[arch, "trunk"].append(timed(model, trunk))
-            times[arch, "step"].append(timed(model, step))
+        for arch, (model, steps) in runs.items():
+            for kind, step in steps.items():
+                times[arch, kind].append(timed(model, step))
     med = {key: statistics.median(values) for key, values in times.items()}
     print(f"median of {args.repeats}, batch {args.batch}, {size} px")
     for arch in arches:
@@ -96,6 +113,9 @@ def main() -> None:
         print(
             f"ratio: {med[arch, 'step'] / med[arch, 'trunk']:.3f}" + (" (target <= 1.3)" if arch == "swtformer" else "")
         )
+        if (arch, "aream") in med:
+            print(f"{'DeiT step with AReAM:':34s} {med[arch, 'aream'] * 1e3:.1f} ms")
+            print(f"AReAM step / DeiT step: {med[arch, 'aream'] / med[arch, 'step']:.3f} (target <= 1.5)")
     if args.arch == "both":
         print(f"DeiT step / V2 step: {med['deit', 'step'] / med['swtformer', 'step']:.3f}")
 

@@ -82,24 +82,47 @@ def multiscale_maps(
         ``(cam, rcam)``: (B, C, H, W) CAM over all foreground classes and (B, K, H, W) R-CAM (``None`` for V1),
         both max-normalised per channel after summing over scales.
     """
+    maps = multiscale_all_maps(model, images, label_mask, scales, flip, seed_locating)
+    return maps["cam"], maps.get("rcam")
+
+
+@torch.no_grad()
+def multiscale_all_maps(
+    model: SWTformer | torch.nn.Module,
+    images: torch.Tensor,
+    label_mask: torch.Tensor,
+    scales: tuple[float, ...],
+    flip: bool,
+    seed_locating: SeedLocating,
+    aream: bool = False,
+) -> dict[str, torch.Tensor]:
+    """:func:`multiscale_maps` as a mapping, plus (``aream``, DeiT only) AReAM's re-activated CAM.
+
+    Returns:
+        ``cam`` (B, C, H, W), ``rcam`` (B, K, H, W) for V2, and with ``aream`` the CAM re-activated by the mean
+        attention of all blocks (:meth:`pipeline.models.deit.DeiTClassifier.reactivated`), each copy re-activated
+        before the flipped one is flipped back; all summed over scales and max-normalised.
+    """
     h, w = images.shape[-2:]
-    cam_sum = rcam_sum = None
+    sums: dict[str, torch.Tensor] = {}
     for scale in scales:
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         x = F.interpolate(images, size=size, mode="bicubic", align_corners=False) if scale != 1 else images
         if flip:
             x = torch.cat([x, x.flip(-1)])
-        feats = model.features(x)
+        feats, extra = model.reactivated(x) if aream else (model.features(x), None)
         if flip:
             fused = feats.fused if feats.fused is None else _unflip(feats.fused)
             feats = Features(_unflip(feats.logit_map), _unflip(feats.tokens), fused)
+            extra = extra if extra is None else _unflip(extra)
         out = model.maps(feats, label_mask if feats.fused is not None else None, seed_locating)
-        cam = F.interpolate(out["cam"], size=(h, w), mode="bilinear", align_corners=False)  # (B, C, H, W)
-        cam_sum = cam if cam_sum is None else cam_sum + cam
-        if "rcam" in out:
-            rcam = F.interpolate(out["rcam"], size=(h, w), mode="bilinear", align_corners=False)  # (B, K, H, W)
-            rcam_sum = rcam if rcam_sum is None else rcam_sum + rcam
-    return max_norm(cam_sum), (max_norm(rcam_sum) if rcam_sum is not None else None)
+        if extra is not None:
+            out["aream"] = extra
+        for name in ("cam", "rcam", "aream"):
+            if name in out:
+                resized = F.interpolate(out[name], size=(h, w), mode="bilinear", align_corners=False)
+                sums[name] = resized if name not in sums else sums[name] + resized
+    return {name: max_norm(total) for name, total in sums.items()}
 
 
 def scored_ids(data: PreparedDataset, params: CamsParams, ids: list[str]) -> set[str] | None:
@@ -149,17 +172,12 @@ def generate_cams(
     unlabelled = data.count_unlabelled(params.split, "cams")  # their maps hold the background channel only
     scored = scored_ids(data, params, ids)
     grid = threshold_grid(params.sweep.max, params.sweep.step)
-    evaluators = {"cam": SeedEvaluator(data.num_classes, grid)}
-    if model.version == "v2":
-        evaluators["rcam"] = SeedEvaluator(data.num_classes, grid)
-    if params.relevance.kind != "none":
-        if model.version != "deit":
-            kind = params.relevance.kind
-            raise ModelError(f"cams.relevance.kind = {kind} needs the DeiT classifier (model.arch: deit)")
-        evaluators["relevance"] = SeedEvaluator(data.num_classes, grid)
+    evaluators = _evaluators(model, meta, params, data.num_classes, grid)
+    aream = "aream" in evaluators
     live = open_live(results_dir)
     picks = Picks(params.gallery_size)
-    shown = "rcam" if "rcam" in evaluators else "cam"  # failure cases: the lowest IoU of this map's argmax seeds
+    # failure cases: the lowest IoU of this map's argmax seeds
+    shown = next(m for m in ("rcam", "aream", "cam") if m in evaluators)
 
     with CamWriter(cams_dir, params.shard_size) as writer:
         bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=None, mininterval=2)
@@ -167,14 +185,13 @@ def generate_cams(
             x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
             labels = [data.labels[i] for i in group]
             mask = present_class_mask(labels, data.num_classes, device)
-            cam, rcam = multiscale_maps(model, x, mask, params.scales, params.flip, params.seed_locating)
-            extra = {"rcam": rcam} if rcam is not None else {}
+            out = multiscale_all_maps(model, x, mask, params.scales, params.flip, params.seed_locating, aream)
             if "relevance" in evaluators:
                 args = (params.scales, params.flip, params.relevance)
-                extra["relevance"] = multiscale_relevance(model, x, labels, *args)  # (B, C, H, W)
+                out["relevance"] = multiscale_relevance(model, x, labels, *args)  # (B, C, H, W)
             for row, image_id in enumerate(group):
                 keys = np.array([0, *labels[row]], dtype=np.int64)
-                maps = _image_maps(cam[row], extra, row, keys)
+                maps = _image_maps(out, row, keys)
                 writer.add(image_id, keys, maps)
                 score = scored is None or image_id in scored
                 gt = data.load_mask(image_id) if score or len(picks.first) < params.gallery_size else None
@@ -197,20 +214,40 @@ def generate_cams(
     return headline | {"images_without_labels": unlabelled}
 
 
-def _image_maps(cam: torch.Tensor, extra: dict[str, torch.Tensor], row: int, keys: np.ndarray) -> dict[str, np.ndarray]:
-    """The stored maps of one image: (K, H, W) ``cam`` and ``relevance`` with ``1 - max`` as background, ``rcam``.
+def _evaluators(
+    model: torch.nn.Module, meta: dict, params: CamsParams, num_classes: int, grid: np.ndarray
+) -> dict[str, SeedEvaluator]:
+    """One seed evaluator per stored map: ``cam``, V2's ``rcam``, AReAM's ``aream``, ``relevance`` if asked.
+
+    Raises:
+        ModelError: If relevance maps are asked of a classifier that is not the DeiT.
+    """
+    names = ["cam"] + (["rcam"] if model.version == "v2" else [])
+    names += ["aream"] if meta.get("aream", False) else []  # a DeiT trained with loss.aream
+    if params.relevance.kind != "none":
+        if model.version != "deit":
+            kind = params.relevance.kind
+            raise ModelError(f"cams.relevance.kind = {kind} needs the DeiT classifier (model.arch: deit)")
+        names.append("relevance")
+    return {name: SeedEvaluator(num_classes, grid) for name in names}
+
+
+def _image_maps(out: dict[str, torch.Tensor], row: int, keys: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored maps of one image: ``cam``, ``aream``, ``relevance`` (K, H, W, background 1 - max) and ``rcam``.
 
     Args:
-        cam: (C, H, W) CAM over all foreground classes.
-        extra: Batch maps by name: ``rcam`` (B, K, H, W) over background + all classes, ``relevance`` (B, C, H, W).
+        out: Batch maps by name: ``cam``, ``aream``, ``relevance`` (B, C, H, W) over all foreground classes,
+            ``rcam`` (B, K, H, W) over background + all classes.
         row: The image's row in the batch.
         keys: (K,) background + the image's class ids.
     """
-    maps = {"cam": with_background(cam[keys[1:] - 1][None])[0].cpu().numpy()}
-    if "rcam" in extra:
-        maps["rcam"] = extra["rcam"][row, keys].cpu().numpy()
-    if "relevance" in extra:
-        maps["relevance"] = with_background(extra["relevance"][row, keys[1:] - 1][None])[0].cpu().numpy()
+    maps = {
+        name: with_background(out[name][row, keys[1:] - 1][None])[0].cpu().numpy()
+        for name in ("cam", "aream", "relevance")
+        if name in out
+    }
+    if "rcam" in out:
+        maps["rcam"] = out["rcam"][row, keys].cpu().numpy()
     return maps
 
 
@@ -222,7 +259,8 @@ def _log_galleries(live: Live, picks: Picks, shown: str, data: PreparedDataset) 
         text = caption(image_id, f"{shown} argmax seeds:", iou)
         return cam_gallery_row(text, image, maps, keys, gt, data.class_names, data.palette)
 
-    title = "CAM (heat: blue 0 to red 1)" + (" and R-CAM" if shown == "rcam" else "") + " per present class"
+    extra = {"rcam": " and R-CAM", "aream": " and AReAM"}.get(shown, "")
+    title = f"CAM (heat: blue 0 to red 1){extra} per present class"
     for file, picture in pick_galleries(picks, draw, title, data.class_names, data.palette).items():
         live.log_image(file, Image.fromarray(picture))
 

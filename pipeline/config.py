@@ -244,8 +244,33 @@ class TrainClsParams(Schedule, AmpRuntime):
         return self
 
 
+class AReAMParams(Section):
+    """AReAM's attention supervision for ``model.arch: deit`` (``loss.aream``; pipeline/aream.py, docs/classifier.md).
+
+    After ``warmup_epochs`` epochs, blocks ``< split`` (shallow) re-activate the CAM that PAR refines into
+    reliable labels with the background scores ``bg_thresholds`` (low, high; pixels between are ignored), and
+    blocks ``>= split`` (deep) get the affinity loss, weighted by ``weight``. ``weights``: ``uniform`` or
+    ``entropy`` (each block weighted by the min-max normalised entropy of its re-activated map, online).
+    ``par_scale``: the resolution PAR runs at, relative to the crop (AFA / AReAM: 0.5; 0.25 keeps the CPU step cheap).
+    """
+
+    enabled: bool = False
+    warmup_epochs: Annotated[int, Field(ge=0)] = 4
+    split: PositiveInt = 2
+    bg_thresholds: Annotated[tuple[Probability, Probability], FROM_LIST] = (0.35, 0.55)
+    weights: Literal["uniform", "entropy"] = "uniform"
+    weight: PositiveFloat = 0.1
+    par_scale: Annotated[float, Field(gt=0, le=1)] = 0.25
+
+    @model_validator(mode="after")
+    def _order(self) -> AReAMParams:
+        if self.bg_thresholds[0] > self.bg_thresholds[1]:
+            raise ValueError("bg_thresholds must be [low, high] with low <= high")
+        return self
+
+
 class LossParams(Section):
-    """Loss terms of ``train_cls``; each switch turns one term on or off (V2 only for GSC and CCL)."""
+    """Loss terms of ``train_cls``; each switch turns one term on or off (V2 only for GSC and CCL; AReAM: DeiT)."""
 
     cls_weight: PositiveFloat = 1.0
     gsc: bool = True
@@ -253,6 +278,7 @@ class LossParams(Section):
     ccl: bool = True
     ccl_weight: PositiveFloat = 1.0
     ccl_mode: Literal["literal", "contrastive"] = "literal"
+    aream: AReAMParams = AReAMParams()
 
 
 class SweepParams(Section):
@@ -320,7 +346,7 @@ class CrfParams(Section):
     bilateral_compat: Annotated[float, Field(ge=0)] = 4.0
 
 
-SeedMapName = Literal["auto", "cam", "rcam", "relevance"]
+SeedMapName = Literal["auto", "cam", "rcam", "aream", "relevance"]
 
 
 class AffinityLabelParams(Section):
@@ -533,6 +559,18 @@ class Params(Section):
     train_seg: TrainSegParams
     evaluate: EvaluateParams
 
+    @model_validator(mode="after")
+    def _aream(self) -> Params:
+        aream, model = self.loss.aream, self.model
+        if aream.enabled and model.arch != "deit":
+            raise ValueError(f"loss.aream.enabled needs model.arch: deit, not {model.arch} (no AReAM for Swin yet)")
+        if aream.enabled and model.vit.name == "small" and aream.split >= model.vit.depth:
+            raise ValueError(
+                f"loss.aream.split = {aream.split} must be below model.vit.depth = {model.vit.depth} "
+                "(blocks >= split are the deep ones)"
+            )
+        return self
+
 
 SECTIONS = tuple(Params.model_fields)
 
@@ -561,6 +599,8 @@ def _format_error(path: Path, errors: list[dict[str, Any]]) -> str:
         hint = f"allowed keys here: {', '.join(allowed)}" if allowed else "this key is not allowed"
         return f"{path}: unknown key '{key}' ({hint})"
     message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # a rule across sections names its keys itself
+        return f"{path}: {message}"
     return f"{path}: {key} = {json.dumps(value, default=str)} is invalid: {message}"
 
 

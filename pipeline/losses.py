@@ -6,6 +6,9 @@ class-token + patch-token soft margin (MCTformer).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +76,7 @@ def swtformer_loss(
     ccl: bool = True,
     ccl_weight: float = 1.0,
     ccl_mode: str = "literal",
+    aream: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All loss terms of one training step.
 
@@ -87,6 +91,8 @@ def swtformer_loss(
         ccl: Add the CCL term (V2 only).
         ccl_weight: Its weight.
         ccl_mode: ``literal`` (paper Eq. 6) or ``contrastive``.
+        aream: ``loss.aream``, the DeiT classifier's (pipeline/aream.py); accepted so that the whole ``loss``
+            section can be passed, unused here.
 
     Returns:
         ``{"cls": ..., ["gsc": ...], ["ccl": ...], "total": ...}`` (unweighted terms plus the weighted total).

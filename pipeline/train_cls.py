@@ -7,6 +7,7 @@ epoch (the loop, resume and checkpoints are :func:`pipeline.training.fit`'s).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import runtime, training
+from pipeline.aream import aream_terms
 from pipeline.config import StageParams
 from pipeline.data.datasets import ClassificationEvalSet, ClassificationTrainSet
 from pipeline.data.layout import PreparedDataset
+from pipeline.errors import ConfigError
 from pipeline.losses import deit_loss, swtformer_loss
 from pipeline.models.files import save_model_dir
 from pipeline.models.swtformer import build_model, evaluate_classifier
+from pipeline.refinement.par import PAR
 
 
 def label_mask(valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -36,6 +40,7 @@ def _meta(params: StageParams, data: PreparedDataset) -> dict[str, Any]:
         "mean": list(params.data.mean),
         "std": list(params.data.std),
         "class_names": data.class_names,
+        "aream": params.loss.aream.enabled,
     }
 
 
@@ -82,13 +87,14 @@ def train_classifier(
     val_loader = DataLoader(valset, cfg.batch_size, num_workers=cfg.num_workers, generator=torch.Generator())
     val_batches = list(val_loader) if cfg.cache_images and run.dist.is_main else val_loader  # deterministic
     model = build_model(data.num_classes - 1, cfg.crop_size, **params.model.model_dump()).to(run.device)
+    check_aream_split(params, model)
     groups = training.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
     task = training.Task(
         "train_cls",
         model,
         torch.optim.AdamW(groups),
         trainset,
-        _loss_step(run.device, cfg.amp, params.model.arch, params.loss.model_dump()),
+        _loss_step(run.device, cfg.amp, params.model.arch, params.loss.model_dump(), lambda: trainset.epoch),
         save=lambda trained: save_model_dir(model_dir, trained, _meta(params, data)),
         validate=lambda epoch: _validate(model, val_batches, run.device, cfg.amp),
         find_unused_parameters=_has_unused_parameters(params),
@@ -110,23 +116,48 @@ def _has_unused_parameters(params: StageParams) -> bool:
     return model.version == "v2" and not (loss.gsc or loss.ccl)
 
 
-def _loss_step(device: torch.device, amp: bool, arch: str, loss_args: dict[str, Any]) -> training.Step:
+def check_aream_split(params: StageParams, model: torch.nn.Module) -> None:
+    """Refuse an AReAM ``split`` that leaves no deep block (a timm ViT's depth is known once it is built).
+
+    Raises:
+        ConfigError: If ``loss.aream.split`` is not below the number of blocks.
+    """
+    aream = params.loss.aream
+    depth = len(getattr(model, "attentions", ()))
+    if aream.enabled and aream.split >= depth:
+        raise ConfigError(
+            f"loss.aream.split = {aream.split} must be below the ViT's {depth} blocks "
+            "(blocks >= split are the deep ones)"
+        )
+
+
+def _loss_step(
+    device: torch.device, amp: bool, arch: str, loss_args: dict[str, Any], epoch: Callable[[], int]
+) -> training.Step:
     """The training step of :class:`pipeline.training.Task`: forward with the label mask, the ``arch``'s losses.
 
     SWTformer: :func:`swtformer_loss` (CLS, and GSC + CCL for V2); DeiT: :func:`deit_loss` (class-token and
-    patch-token soft margin, weighted by ``loss.cls_weight``).
+    patch-token soft margin, weighted by ``loss.cls_weight``), plus from epoch ``loss.aream.warmup_epochs`` on
+    (``epoch()`` is the current 0-based epoch) AReAM's affinity loss when ``loss.aream.enabled``.
     """
+    aream = loss_args.pop("aream")
+    par = PAR()
 
     def step(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
         labels = batch["labels"].to(device)  # (B, C)
-        mask = label_mask(batch["valid"].to(device), labels)  # (B, C+1, S, S)
+        valid = batch["valid"].to(device)  # (B, 1, S, S)
+        mask = label_mask(valid, labels)  # (B, C+1, S, S)
+        attention = arch == "deit" and aream["enabled"] and epoch() >= aream["warmup_epochs"]
         with runtime.autocast(device, amp):
-            out = net(images, mask)
+            out = net(images, mask, attention=True) if attention else net(images, mask)
         if arch == "deit":
             terms = deit_loss(out, labels, cls_weight=loss_args["cls_weight"])
         else:
             terms = swtformer_loss(out, labels, mask, **loss_args)
+        if attention:
+            terms |= aream_terms(par, out, images, labels, valid, aream)
+            terms["total"] = terms["total"] + aream["weight"] * terms["aff"]
         return terms["total"], {f"loss_{name}": value for name, value in terms.items()}
 
     return step

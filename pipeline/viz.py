@@ -70,14 +70,15 @@ def cam_gallery_row(
     Args:
         caption: Shown above the row (image id, IoU).
         image: (H, W, 3) uint8 image.
-        maps: ``cam`` and optionally ``rcam``, each (N, H, W): channel 0 background, then the classes ``keys[1:]``.
+        maps: ``cam`` and optionally ``rcam`` / ``aream``, each (N, H, W): channel 0 background, then the classes
+            ``keys[1:]``.
         keys: (N,) class ids of the channels, ``keys[0] == 0``.
         gt: (H, W) ground truth.
         names: Class names, background first.
         palette: Colour per class id.
     """
     panels = [Panel("image", image)]
-    for name, title in (("cam", "CAM"), ("rcam", "R-CAM")):
+    for name, title in (("cam", "CAM"), ("rcam", "R-CAM"), ("aream", "AReAM")):
         if name in maps:
             for channel, class_id in enumerate(keys[1:], start=1):
                 score = maps[name][channel].astype(np.float32)

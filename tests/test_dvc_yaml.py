@@ -256,4 +256,4 @@ def test_static_checker_follows_train_classifier_helpers():
     from pipeline import train_cls
 
     assert train_cls._meta in _calls_passing(train_cls.train_classifier, "params").values()
-    assert _sections_read(train_cls._meta, "params") == {"model", "train_cls", "data"}
+    assert _sections_read(train_cls._meta, "params") == {"model", "train_cls", "data", "loss"}

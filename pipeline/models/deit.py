@@ -27,6 +27,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from pipeline.aream import fused_affinity, reactivate
 from pipeline.config import is_vit_name
 from pipeline.errors import ModelError, one_line
 from pipeline.models.backbone import ConvStemPatchEmbed
@@ -136,6 +137,20 @@ class DeiTClassifier(nn.Module):
         """The patch-token path only (what ``cams`` fuses across flips): CAM head logits and tokens."""
         tokens = self.encode(x)["tokens"]  # (B, D, h, w)
         return Features(self.cam_head(tokens), tokens, None)
+
+    def reactivated(self, x: torch.Tensor) -> tuple[Features, torch.Tensor]:
+        """AReAM's inference: the patch-token path and its CAM re-activated by the mean attention of all blocks.
+
+        Returns:
+            :meth:`features`' output and the (B, C, h, w) re-activated CAM ``cam'_m = sum_n A_mn cam_n`` of the
+            max-normalised CAM, ``A`` the head and block mean of the patch x patch softmax attention
+            (:func:`pipeline.aream.fused_affinity`).
+        """
+        enc = self.encode(x, attention=True)
+        tokens = enc["tokens"]  # (B, D, h, w): the padded grid, as the attention's
+        feats = Features(self.cam_head(tokens), tokens, None)
+        affinity = fused_affinity(enc["attention"], enc["prefix"].shape[1])  # (B, N, N)
+        return feats, reactivate(max_norm(F.relu(feats.logit_map)), affinity)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Image-level logits from the class token: (B, 3, H, W) -> (B, C)."""

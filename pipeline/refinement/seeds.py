@@ -11,7 +11,7 @@ from pipeline.data.layout import IGNORE
 from pipeline.errors import DatasetError
 from pipeline.io import CamStore
 
-SeedMap = Literal["auto", "cam", "rcam", "relevance"]
+SeedMap = Literal["auto", "cam", "rcam", "aream", "relevance"]
 
 
 def open_cam_store(cams_dir: Path | str) -> CamStore:
@@ -27,11 +27,11 @@ def open_cam_store(cams_dir: Path | str) -> CamStore:
 
 
 def choose_seed_map(available: list[str] | tuple[str, ...], seed_map: SeedMap) -> str:
-    """Resolve ``auto`` to ``rcam`` when the store has it (V2), else ``cam`` (V1).
+    """Resolve ``auto``: ``rcam`` when the store has it (V2), else ``aream`` (a DeiT trained with AReAM), else ``cam``.
 
     Args:
         available: Map names in the store entry of an image (e.g. ``["cam", "rcam"]``).
-        seed_map: ``auto``, ``cam``, ``rcam`` or ``relevance`` (the DeiT's, ``cams.relevance``).
+        seed_map: ``auto``, ``cam``, ``rcam``, ``aream`` or ``relevance`` (the DeiT's, ``cams.relevance``).
 
     Returns:
         The map name to read.
@@ -40,7 +40,7 @@ def choose_seed_map(available: list[str] | tuple[str, ...], seed_map: SeedMap) -
         ValueError: If the requested map is not in the store.
     """
     if seed_map == "auto":
-        return "rcam" if "rcam" in available else "cam"
+        return next(name for name in ("rcam", "aream", "cam") if name in available or name == "cam")
     if seed_map not in available:
         raise ValueError(f"seed map '{seed_map}' is not in the CAM store (it has: {', '.join(sorted(available))})")
     return seed_map
