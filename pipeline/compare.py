@@ -5,6 +5,7 @@ and the metrics to report::
 
     name: v1_v2                      # experiment names: <name>-<variant>-s<seed>
     target: cams                     # optional: dvc exp run <target> (default: the whole DAG)
+    targets: {v1: train_cls}         # optional: a variant's own target (its later metrics are not reported)
     seeds: [0, 1, 2]
     variants:
       v1: {model.version: v1}
@@ -13,23 +14,20 @@ and the metrics to report::
       - train_cls/val/map_classwise
       - cams/cam/miou_argmax
 
-Each run is ``dvc exp run --temp -n <name>-<variant>-s<seed> -S seed=<seed> -S <key>=<value> ... [target]``,
-outside the workspace; runs that already exist are not repeated, so a killed grid resumes. The summary is read
-from ``dvc exp show --json`` and written as a markdown table, a JSON file and a plot.
+The runs themselves are :mod:`pipeline.compare_run`'s. The summary is read from ``dvc exp show --json`` and written
+as a markdown table, a JSON file and a plot.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -43,9 +41,21 @@ class Grid(BaseModel):
 
     name: Annotated[str, Field(pattern=NAME)]
     target: str | None = None
+    targets: dict[str, str] = {}
     seeds: Annotated[tuple[Annotated[int, Field(ge=0, lt=2**32)], ...], Field(min_length=1)]
     variants: Annotated[dict[Annotated[str, Field(pattern=NAME)], dict[str, Any]], Field(min_length=1)]
     metrics: Annotated[tuple[Annotated[str, Field(pattern=r"^[a-z_]+/.+")], ...], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _targets_name_variants(self) -> Grid:
+        unknown = sorted(set(self.targets) - set(self.variants))
+        if unknown:
+            raise ValueError(f"targets: {', '.join(unknown)} is not a variant")
+        return self
+
+    def target_of(self, variant: str) -> str | None:
+        """The stage ``variant`` runs up to (None: the whole DAG)."""
+        return self.targets.get(variant, self.target)
 
 
 def load_grid(path: Path | str) -> Grid:
@@ -79,15 +89,6 @@ def format_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def exp_run_command(grid: Grid, variant: str, seed: int) -> list[str]:
-    """The ``dvc exp run`` command line of one run (seed first, then the variant's overrides)."""
-    overrides = {"seed": seed, **grid.variants[variant]}
-    command = ["dvc", "exp", "run", "--temp", "-n", experiment_name(grid, variant, seed)]
-    for key, value in overrides.items():
-        command += ["-S", f"{key}={format_value(value)}"]
-    return command + ([grid.target] if grid.target else [])
-
-
 def experiments(shown: list[dict]) -> dict[str, dict]:
     """``dvc exp show --json`` -> ``{experiment name: its data}`` for every named experiment of every baseline."""
     found: dict[str, dict] = {}
@@ -112,15 +113,62 @@ def metric_value(data: dict, metric: str) -> float:
     return float(value) if isinstance(value, int | float) else float("nan")
 
 
-def collect(grid: Grid, found: dict[str, dict]) -> dict[str, dict[str, list[float]]]:
-    """``{variant: {metric: [value per seed]}}`` (NaN where a run or metric is missing)."""
-    return {
-        variant: {
-            metric: [metric_value(found.get(experiment_name(grid, variant, seed), {}), metric) for seed in grid.seeds]
+def stages_up_to(dvc_yaml: dict, target: str | None) -> set[str]:
+    """The stages ``dvc repro <target>`` runs: the target and every stage it depends on (all for None).
+
+    Args:
+        dvc_yaml: The parsed ``dvc.yaml``; stage B depends on stage A when one of B's deps is, contains or lies
+            inside one of A's outs.
+        target: A stage name, or None for the whole DAG.
+
+    Raises:
+        ConfigError: If the target is not a stage.
+    """
+    stages = dvc_yaml.get("stages") or {}
+    if target is None:
+        return set(stages)
+    if target not in stages:
+        raise ConfigError(f"target {target!r} is not a stage of dvc.yaml ({', '.join(stages)})")
+
+    def paths(entries: list) -> list[str]:
+        return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+    def inside(a: str, b: str) -> bool:
+        return a == b or a.startswith(b.rstrip("/") + "/")
+
+    outs = {name: paths(spec.get("outs")) + paths(spec.get("metrics")) for name, spec in stages.items()}
+    found, todo = set(), [target]
+    while todo:
+        stage = todo.pop()
+        found.add(stage)
+        for dep in paths(stages[stage].get("deps")):
+            todo += [
+                other
+                for other, made in outs.items()
+                if other not in found and any(inside(dep, out) or inside(out, dep) for out in made)
+            ]
+    return found
+
+
+def collect(grid: Grid, found: dict[str, dict], dvc_yaml: dict) -> dict[str, dict[str, list[float]]]:
+    """``{variant: {metric: [value per seed]}}``; NaN where a run or metric is missing.
+
+    A metric of a stage that a variant's target does not run is NaN too: a run up to ``refine`` still carries the
+    previous run's ``results/train_seg/metrics.json`` in its workspace.
+    """
+    values = {}
+    for variant in grid.variants:
+        ran = stages_up_to(dvc_yaml, grid.target_of(variant))
+        values[variant] = {
+            metric: [
+                metric_value(found.get(experiment_name(grid, variant, seed), {}), metric)
+                if metric.split("/")[0] in ran
+                else float("nan")
+                for seed in grid.seeds
+            ]
             for metric in grid.metrics
         }
-        for variant in grid.variants
-    }
+    return values
 
 
 def summarise(values: list[float]) -> tuple[float, float, int]:
@@ -132,8 +180,14 @@ def summarise(values: list[float]) -> tuple[float, float, int]:
     return float(finite.mean()), std, int(finite.size)
 
 
-def markdown_table(grid: Grid, values: dict[str, dict[str, list[float]]]) -> str:
-    """The summary as a markdown table: a row per variant, ``mean ± std`` per metric, n where runs are missing."""
+def markdown_table(grid: Grid, values: dict[str, dict[str, list[float]]], where: str = "") -> str:
+    """The summary as a markdown table: a row per variant, ``mean ± std`` per metric, n where runs are missing.
+
+    Args:
+        grid: The grid.
+        values: :func:`collect`'s values.
+        where: Appended to the footer (the commit and the machine the runs ran on).
+    """
     header = ["variant", "overrides", *grid.metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, per_metric in values.items():
@@ -146,7 +200,7 @@ def markdown_table(grid: Grid, values: dict[str, dict[str, list[float]]]) -> str
         lines.append("| " + " | ".join([variant, overrides, *cells]) + " |")
     seeds = ", ".join(str(s) for s in grid.seeds)
     lines.append("")
-    lines.append(f"Mean ± sample std over seeds {seeds}.")
+    lines.append(f"Mean ± sample std over seeds {seeds}{'; ' + where if where else ''}.")
     return "\n".join(lines) + "\n"
 
 
@@ -173,59 +227,24 @@ def plot(grid: Grid, values: dict[str, dict[str, list[float]]], path: Path) -> N
     plt.close(fig)
 
 
-def write_report(grid: Grid, values: dict[str, dict[str, list[float]]], out_dir: Path) -> str:
-    """Write ``<out>/<name>.md``, ``.json`` (every value) and ``.png``; return the markdown table."""
+def write_report(
+    grid: Grid, values: dict[str, dict[str, list[float]]], out_dir: Path, context: dict[str, Any] | None = None
+) -> str:
+    """Write ``<out>/<name>.md``, ``.json`` (every value) and ``.png``; return the markdown table.
+
+    Args:
+        grid: The grid.
+        values: :func:`collect`'s values.
+        out_dir: Where the three files go.
+        context: Where the runs ran (``commit``, ``cpu_cores``, ``omp_num_threads``), written to the table's
+            footer and the JSON file.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(grid, values)
+    context = context or {}
+    where = ", ".join(f"{key} {value}" for key, value in context.items())
+    table = markdown_table(grid, values, where)
     (out_dir / f"{grid.name}.md").write_text(table)
-    record = {"grid": grid.model_dump(mode="json"), "values": values}
+    record = {"grid": grid.model_dump(mode="json"), "context": context, "values": values}
     (out_dir / f"{grid.name}.json").write_text(json.dumps(record, indent=2, allow_nan=True) + "\n")
     plot(grid, values, out_dir / f"{grid.name}.png")
     return table
-
-
-def dvc_json(*args: str) -> list[dict]:
-    """``dvc <args> --json`` parsed.
-
-    Raises:
-        ConfigError: If dvc fails (its last error line).
-    """
-    result = subprocess.run(["dvc", *args, "--json"], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"`dvc {' '.join(args)}` failed: {last}")
-    return json.loads(result.stdout)
-
-
-def require_committed_params() -> None:
-    """A grid runs against the committed params: uncommitted edits would leak into every run.
-
-    Raises:
-        ConfigError: If ``params.yaml`` or ``dvc.yaml`` has uncommitted changes.
-    """
-    changed = subprocess.run(
-        ["git", "status", "--porcelain", "--", "params.yaml", "dvc.yaml"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    if changed:
-        raise ConfigError("params.yaml or dvc.yaml has uncommitted changes; commit or restore them before a grid")
-
-
-def run_grid(grid: Grid, echo: Callable[[str], None] = print) -> list[str]:
-    """Run the grid's experiments that do not exist yet, one after the other.
-
-    Returns:
-        The names of the runs that failed (the others are in ``dvc exp show``).
-    """
-    require_committed_params()
-    done = experiments(dvc_json("exp", "show"))
-    failed = []
-    for variant in grid.variants:
-        for seed in grid.seeds:
-            name, command = experiment_name(grid, variant, seed), exp_run_command(grid, variant, seed)
-            if name in done:
-                echo(f"{name}: already run, kept")
-                continue
-            echo(f"{name}: {' '.join(command)}")
-            if subprocess.run(command, check=False).returncode != 0:
-                failed.append(name)
-    return failed

@@ -1,6 +1,7 @@
 """``wsss compare GRID``: run a grid of variants x seeds as DVC experiments and report mean +- std per metric.
 
-Not a DVC stage: it drives ``dvc exp run`` (the grid file is described in :mod:`pipeline.compare`).
+Not a DVC stage: it drives ``dvc exp run`` in a scratch clone (see :mod:`pipeline.compare_run`; the grid file is
+described in :mod:`pipeline.compare`).
 """
 
 from __future__ import annotations
@@ -14,20 +15,27 @@ from stages._common import user_errors
 
 
 def main(
-    grid_file: Annotated[Path, typer.Argument(help="Grid file (variants, seeds, target, metrics).")],
+    grid_file: Annotated[Path, typer.Argument(help="Grid file (variants, seeds, targets, metrics).")],
     out: Annotated[Path, typer.Option(help="Where the table (.md), values (.json) and plot (.png) go.")] = Path(
         "results/compare"
     ),
     collect_only: Annotated[bool, typer.Option(help="Run nothing; report the experiments that exist.")] = False,
 ) -> None:
-    """Run the grid's missing experiments (dvc exp run --temp), then write and print mean ± std per metric."""
-    from pipeline import compare
+    """Run the grid's missing experiments (seed by seed, sharing unchanged stages), then print mean ± std."""
+    import yaml
+
+    from pipeline import compare, compare_run
 
     with user_errors():
         grid = compare.load_grid(grid_file)
-        failed = [] if collect_only else compare.run_grid(grid, typer.echo)
-        values = compare.collect(grid, compare.experiments(compare.dvc_json("exp", "show")))
-        typer.echo(compare.write_report(grid, values, out))
+        params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+        dvc_yaml = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))
+        for variant in grid.variants:
+            compare.stages_up_to(dvc_yaml, grid.target_of(variant))  # a wrong target stops before any run
+        failed = [] if collect_only else compare_run.run_grid(grid, params, typer.echo)
+        values = compare.collect(grid, compare.experiments(compare_run.dvc_json("exp", "show")), dvc_yaml)
+        context = compare_run.run_context(compare_run.head_commit())
+        typer.echo(compare.write_report(grid, values, out, context))
         if failed:
             typer.echo(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", err=True)
             raise typer.Exit(1)

@@ -12,15 +12,16 @@ from conftest import REPO
 from pipeline.compare import (
     Grid,
     collect,
-    exp_run_command,
     experiments,
     format_value,
     load_grid,
     markdown_table,
     metric_value,
+    stages_up_to,
     summarise,
     write_report,
 )
+from pipeline.compare_run import exp_run_command, param_value, run_order, run_overrides
 from pipeline.errors import ConfigError
 
 GRID = Grid(
@@ -71,14 +72,72 @@ def test_grid_file_round_trip_and_one_line_errors(tmp_path):
         load_grid(tmp_path / "missing.yaml")
 
 
-def test_exp_run_command_sets_the_seed_then_the_variant():
-    assert exp_run_command(GRID, "off", 1) == [
-        *("dvc", "exp", "run", "--temp", "-n", "ccl-off-s1"),
+PARAMS = {"seed": 0, "loss": {"ccl": True}, "cams": {"scales": [1.0], "sweep": {"max": 0.6}}}
+
+# a DAG shaped like the project's: a -> b -> c, and d beside c (reads a's and b's outs)
+DVC_YAML = {
+    "stages": {
+        "a": {"outs": ["data/a"]},
+        "b": {"deps": ["data/a"], "outs": ["models/b", {"results/b/plots": {"cache": False}}]},
+        "c": {"deps": ["data/a", "models/b/model.safetensors"], "metrics": [{"results/c/metrics.json": {}}]},
+        "d": {"deps": ["data/a", "models/b"], "outs": ["data/d"]},
+    }
+}
+
+
+def test_exp_run_command_sets_the_seed_then_every_key_any_variant_sets():
+    assert exp_run_command(GRID, "off", 1, PARAMS) == [
+        *("dvc", "exp", "run", "-n", "ccl-off-s1"),
         *("-S", "seed=1", "-S", "loss.ccl=false", "-S", "cams.scales=[1.0, 0.5]"),
         "cams",
     ]
-    whole_dag = GRID.model_copy(update={"target": None})
-    assert exp_run_command(whole_dag, "on", 0)[-2:] == ["-S", "seed=0"]
+    # "on" overrides nothing, but the previous run in the workspace may have been "off": undo it
+    assert exp_run_command(GRID, "on", 0, PARAMS) == [
+        *("dvc", "exp", "run", "-n", "ccl-on-s0"),
+        *("-S", "seed=0", "-S", "loss.ccl=true", "-S", "cams.scales=[1.0]"),
+        "cams",
+    ]
+    whole_dag = GRID.model_copy(update={"target": None, "targets": {"off": "train_cls"}})
+    assert exp_run_command(whole_dag, "on", 0, PARAMS)[-1] == "cams.scales=[1.0]"
+    assert exp_run_command(whole_dag, "off", 0, PARAMS)[-1] == "train_cls"
+
+
+def test_overrides_need_a_committed_value():
+    assert param_value(PARAMS, "cams.sweep.max") == 0.6
+    with pytest.raises(ConfigError, match="'cams.sweep.min' is not in params.yaml"):
+        param_value(PARAMS, "cams.sweep.min")
+    with pytest.raises(ConfigError, match="'loss.ccl.x' is not in params.yaml"):
+        param_value(PARAMS, "loss.ccl.x")
+    grid = GRID.model_copy(update={"variants": {"on": {}, "off": {"loss.gsc": False}}})
+    with pytest.raises(ConfigError, match="loss.gsc"):
+        run_overrides(grid, "on", 0, PARAMS)
+
+
+def test_runs_go_seed_by_seed():
+    assert run_order(GRID) == [(0, "on"), (0, "off"), (1, "on"), (1, "off")]
+
+
+def test_stages_up_to_follow_deps_into_outs():
+    assert stages_up_to(DVC_YAML, "a") == {"a"}
+    assert stages_up_to(DVC_YAML, "c") == {"a", "b", "c"}, "a dep inside an out"
+    assert stages_up_to(DVC_YAML, "d") == {"a", "b", "d"}
+    assert stages_up_to(DVC_YAML, None) == {"a", "b", "c", "d"}
+    with pytest.raises(ConfigError, match="target 'e' is not a stage"):
+        stages_up_to(DVC_YAML, "e")
+
+
+def test_the_project_dag_up_to_refine():
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert stages_up_to(dvc_yaml, "refine") == {"prepare", "train_cls", "cams", "train_aff", "refine"}
+    assert stages_up_to(dvc_yaml, "evaluate") == set(dvc_yaml["stages"])
+
+
+def test_a_target_must_name_a_variant(tmp_path):
+    path = tmp_path / "grid.yaml"
+    spec = {**GRID.model_dump(mode="json"), "targets": {"of": "train_cls"}}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="targets: of is not a variant"):
+        load_grid(path)
 
 
 def test_values_are_written_as_yaml_reads_them():
@@ -101,11 +160,22 @@ def test_experiments_are_found_by_name_and_metrics_by_path():
     assert math.isnan(metric_value({}, "refine/pseudo/miou"))
 
 
+CAMS_DAG = {"stages": {"train_cls": {"outs": ["models/cls"]}, "cams": {"deps": ["models/cls"]}}}
+
+
 def test_collect_marks_missing_runs_nan():
-    values = collect(GRID, experiments(SHOWN))
+    values = collect(GRID, experiments(SHOWN), CAMS_DAG)
     assert values["on"]["train_cls/val/map_classwise"] == [0.8, 0.6]
     off = values["off"]["cams/rcam/miou_argmax"]
     assert off[0] == 0.4 and math.isnan(off[1]), "ccl-off-s1 never ran"
+
+
+def test_collect_ignores_metrics_of_stages_a_variant_did_not_run():
+    grid = GRID.model_copy(update={"targets": {"off": "train_cls"}})
+    values = collect(grid, experiments(SHOWN), CAMS_DAG)
+    assert values["off"]["train_cls/val/map_classwise"][0] == 0.5
+    assert math.isnan(values["off"]["cams/rcam/miou_argmax"][0]), "the workspace's cams metrics are older"
+    assert values["on"]["cams/rcam/miou_argmax"] == [0.5, 0.7]
 
 
 def test_summarise_mean_and_sample_std():
@@ -117,24 +187,26 @@ def test_summarise_mean_and_sample_std():
 
 
 def test_markdown_table():
-    table = markdown_table(GRID, collect(GRID, experiments(SHOWN)))
+    table = markdown_table(GRID, collect(GRID, experiments(SHOWN), CAMS_DAG), "commit abc")
     assert table.splitlines() == [
         "| variant | overrides | train_cls/val/map_classwise | cams/rcam/miou_argmax |",
         "|---|---|---|---|",
         "| on | - | 0.700 ± 0.141 | 0.600 ± 0.141 |",
         "| off | `loss.ccl=false`, `cams.scales=[1.0, 0.5]` | 0.500 ± 0.000 (n=1) | 0.400 ± 0.000 (n=1) |",
         "",
-        "Mean ± sample std over seeds 0, 1.",
+        "Mean ± sample std over seeds 0, 1; commit abc.",
     ]
 
 
 def test_write_report_writes_the_table_the_values_and_a_plot(tmp_path):
-    values = collect(GRID, experiments(SHOWN))
-    table = write_report(GRID, values, tmp_path / "out")
+    values = collect(GRID, experiments(SHOWN), CAMS_DAG)
+    table = write_report(GRID, values, tmp_path / "out", {"commit": "abc", "cpu_cores": 2})
+    assert table.splitlines()[-1] == "Mean ± sample std over seeds 0, 1; commit abc, cpu_cores 2."
     assert (tmp_path / "out/ccl.md").read_text() == table
     record = json.loads((tmp_path / "out/ccl.json").read_text())
     assert record["values"]["on"]["cams/rcam/miou_argmax"] == [0.5, 0.7]
     assert record["grid"]["variants"]["off"] == {"loss.ccl": False, "cams.scales": [1.0, 0.5]}
+    assert record["context"] == {"commit": "abc", "cpu_cores": 2}
     assert (tmp_path / "out/ccl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -148,3 +220,6 @@ def test_shipped_grids_name_metrics_the_committed_run_has(path):
     assert committed["metrics"], "the reference run's metrics are committed (results/*/metrics.json)"
     for metric in grid.metrics:
         assert not math.isnan(metric_value(committed, metric)), f"{path.name}: no metric {metric}"
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for variant in grid.variants:
+        run_overrides(grid, variant, 0, params)  # every overridden key has a committed value

@@ -214,20 +214,27 @@ def test_compare_runs_a_grid_of_variants_and_seeds(refine_ablation, tmp_path):
     project.ok("git", "checkout", "--", ".")  # the ablations left their params in the workspace
     baseline = json.loads((project.root / "results/train_cls/metrics.json").read_text())
     grid = tmp_path / "grid.yaml"
-    metrics = ["train_cls/train/loss_total", "train_cls/val/map_classwise"]
-    spec = {"name": "tiny", "target": "train_cls", "seeds": [0, 1], "metrics": metrics}
-    grid.write_text(yaml.safe_dump({**spec, "variants": {"ccl": {}, "noccl": {"loss.ccl": False}}}))
+    metrics = ["train_cls/train/loss_total", "cams/cam/miou_best"]
+    variants = {"ccl": {}, "sweep": {"cams.sweep.max": 0.3}, "noccl": {"loss.ccl": False}}
+    spec = {"name": "tiny", "target": "cams", "targets": {"noccl": "train_cls"}, "seeds": [0, 1]}
+    grid.write_text(yaml.safe_dump({**spec, "variants": variants, "metrics": metrics}, sort_keys=False))
     command = (str(VENV_BIN / "wsss"), "compare", str(grid), "--out", str(tmp_path / "out"))
 
-    result = project.run(*command, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = project.run(*command, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert output.count("Running stage 'train_cls'") == 4, "sweep re-uses ccl's classifier; seed 1 and noccl do not"
     table = (tmp_path / "out/tiny.md").read_text()
     assert table.startswith("| variant | overrides | train_cls/train/loss_total |") and "(n=" not in table
+    assert "| noccl | `loss.ccl=false` | " in table and table.splitlines()[4].endswith(" | - |"), "noccl: no cams"
     values = json.loads((tmp_path / "out/tiny.json").read_text())["values"]
     losses = values["ccl"]["train_cls/train/loss_total"]
     assert losses[0] == baseline["train"]["loss_total"], "seed 0 with the committed params is the committed run"
     assert losses[0] != losses[1], "seed 1 is another run"
+    assert values["sweep"]["train_cls/train/loss_total"] == losses, "the same classifier, not trained again"
     assert values["noccl"]["train_cls/train/loss_total"][0] != losses[0], "the override reached the run"
+    names = {run["name"] for run in _experiments(json.loads(project.ok(*_dvc("exp", "show", "--json"))))[1]}
+    assert {f"tiny-{v}-s{s}" for v in variants for s in (0, 1)} <= names, "the runs are the project's experiments"
 
     again = project.run(*command, timeout=120)  # a grid resumes: nothing runs twice
-    assert again.returncode == 0 and again.stdout.count("already run, kept") == 4, again.stdout + again.stderr
+    assert again.returncode == 0 and again.stdout.count("already run, kept") == 6, again.stdout + again.stderr
