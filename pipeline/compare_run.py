@@ -72,9 +72,16 @@ def _git(*args: str, cwd: Path | str = ".") -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def head_commit() -> str:
-    """The project's HEAD commit (the baseline of the grid's experiments)."""
-    return _git("rev-parse", "HEAD")
+def commit_of(rev: str) -> str:
+    """The full commit hash of a revision (``HEAD``, a branch, a short hash).
+
+    Raises:
+        ConfigError: If git does not know the revision.
+    """
+    result = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ConfigError(f"{rev!r} is not a commit of this repository")
+    return result.stdout.strip()
 
 
 def require_committed() -> str:
@@ -90,7 +97,7 @@ def require_committed() -> str:
     if changed:
         first = changed.splitlines()[0][3:]
         raise ConfigError(f"uncommitted changes ({first}, ...): a grid runs the committed project; commit them first")
-    return head_commit()
+    return commit_of("HEAD")
 
 
 def scratch_clone(commit: str) -> Path:
@@ -106,7 +113,7 @@ def scratch_clone(commit: str) -> Path:
 
 
 def run_context(commit: str) -> dict[str, Any]:
-    """Where the runs ran: the commit, the CPU cores and OMP_NUM_THREADS (both change the training trajectory)."""
+    """Where this command's runs ran: the commit, the CPU cores and OMP_NUM_THREADS (both change the trajectory)."""
     return {
         "commit": commit[:12],
         "cpu_cores": os.cpu_count(),

@@ -446,7 +446,8 @@ class WegformerParams(Section):
     """WegFormer's post-processors in ``refine`` (``docs/wegformer.md``), for any stored map.
 
     ``soft_erase``: ``S_r`` (WegFormer: 0.55) or ``null`` (off): each class map is min-max normalised, clipped at
-    ``S_r`` and divided by it. ``saliency``: a folder of ``<image_id>.png`` saliency maps (0..255) or ``null``;
+    ``S_r`` and divided by it. ``saliency``: a folder of ``<image_id>.png`` saliency maps (0..255), ``oracle`` (the
+    ground-truth foreground: an upper bound for the synthetic benchmark, never a method) or ``null``;
     with one the scores are DRS's (background ``1 - saliency``, class cues below ``cue_threshold`` zeroed; pixels
     where two or more channels exceed ``conflict_threshold``, and fully salient pixels labelled background,
     become 255). ``epom``: EPOM's ignore step; ``epom_fg_threshold`` is ``T_fg`` of its class-absent branch.

@@ -39,7 +39,16 @@ from pipeline.refinement.seeds import (
     threshold_labels,
     with_constant_background,
 )
-from pipeline.refinement.wegformer import check_saliency_dir, drs_ignore, drs_scores, epom, load_saliency, soft_erase
+from pipeline.refinement.wegformer import (
+    ORACLE,
+    check_saliency_dir,
+    drs_ignore,
+    drs_scores,
+    epom,
+    load_saliency,
+    oracle_saliency,
+    soft_erase,
+)
 from pipeline.viz import Picks, Row, caption, label_gallery_row, pick_galleries
 
 log = logging.getLogger(__name__)
@@ -260,14 +269,18 @@ def refine_pseudo_labels(
     workers = resolve_workers(params.workers)
     log.info("refine: method=%s, seed map=%s, %d images, %d worker(s)", params.method, seed_map, len(ids), workers)
 
-    saliency_dir = params.wegformer.saliency
-    saliency_dir = check_saliency_dir(saliency_dir) if saliency_dir is not None else None
+    saliency_from = params.wegformer.saliency
+    saliency_dir = check_saliency_dir(saliency_from) if saliency_from not in (None, ORACLE) else None
 
     def jobs():
         for image_id in ids:
             entry = store.load(image_id)
             image = data.load_image(image_id)
-            saliency = load_saliency(saliency_dir, image_id, image.shape[:2]) if saliency_dir else None
+            saliency = None
+            if saliency_from == ORACLE:
+                saliency = oracle_saliency(data, image_id)
+            elif saliency_dir is not None:
+                saliency = load_saliency(saliency_dir, image_id, image.shape[:2])
             yield image, entry[seed_map].astype(np.float32), entry["keys"].astype(np.int64), saliency
 
     live = open_live(results_dir)

@@ -20,11 +20,15 @@ def main(
         "results/compare"
     ),
     collect_only: Annotated[bool, typer.Option(help="Run nothing; report the experiments that exist.")] = False,
+    rev: Annotated[
+        str | None, typer.Option(help="With --collect-only: report the experiments of this baseline commit.")
+    ] = None,
 ) -> None:
     """Run the grid's missing experiments (seed by seed, sharing unchanged stages), then print mean ± std."""
     import yaml
 
     from pipeline import compare, compare_run
+    from pipeline.errors import ConfigError
 
     with user_errors():
         grid = compare.load_grid(grid_file)
@@ -32,9 +36,13 @@ def main(
         dvc_yaml = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))
         for variant in grid.variants:
             compare.stages_up_to(dvc_yaml, grid.target_of(variant))  # a wrong target stops before any run
+        if rev is not None and not collect_only:
+            raise ConfigError("--rev reports an earlier commit's runs: use it with --collect-only")
         failed = [] if collect_only else compare_run.run_grid(grid, params, typer.echo)
-        values = compare.collect(grid, compare.experiments(compare_run.dvc_json("exp", "show")), dvc_yaml)
-        context = compare_run.run_context(compare_run.head_commit())
+        baseline = compare_run.commit_of(rev or "HEAD")
+        shown = compare_run.dvc_json("exp", "show", "--rev", baseline)
+        values = compare.collect(grid, compare.experiments(shown), dvc_yaml)
+        context = {"commit": baseline[:12]} if collect_only else compare_run.run_context(baseline)
         typer.echo(compare.write_report(grid, values, out, context))
         if failed:
             typer.echo(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", err=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import yaml
@@ -21,7 +22,7 @@ from pipeline.compare import (
     summarise,
     write_report,
 )
-from pipeline.compare_run import exp_run_command, param_value, run_order, run_overrides
+from pipeline.compare_run import commit_of, exp_run_command, param_value, run_order, run_overrides
 from pipeline.errors import ConfigError
 
 GRID = Grid(
@@ -223,3 +224,10 @@ def test_shipped_grids_name_metrics_the_committed_run_has(path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for variant in grid.variants:
         run_overrides(grid, variant, 0, params)  # every overridden key has a committed value
+
+
+def test_commit_of_names_a_commit_or_says_it_is_not_one(monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert re.fullmatch(r"[0-9a-f]{40}", commit_of("HEAD"))
+    with pytest.raises(ConfigError, match="'no-such-rev' is not a commit"):
+        commit_of("no-such-rev")

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_params_dict, write_params
+from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.config import ModelParams, RelevanceParams, ViTParams
+from pipeline.data.layout import PreparedDataset
 from pipeline.io import CamStore
 from pipeline.models.swtformer import build_model
-from pipeline.refinement.wegformer import write_oracle_saliency
+from pipeline.refinement.wegformer import oracle_saliency
 from pipeline.relevance import (
     add_relprop,
     linear_relprop,
@@ -206,10 +208,15 @@ def test_cams_stores_and_scores_the_relevance_map(relevance_run):
 
 def test_refine_reads_relevance_with_soft_erase_epom_and_oracle_saliency(relevance_run, monkeypatch):
     monkeypatch.chdir(relevance_run)
-    oracle = relevance_run / "oracle"
-    write_oracle_saliency(relevance_run / "prepared", oracle, "train")
-    weg = {"soft_erase": 0.55, "epom": True, "saliency": str(oracle)}
-    for name, wegformer in {"plain": {"soft_erase": 0.55, "epom": True}, "oracle": weg}.items():
+    folder = relevance_run / "saliency"  # a saliency folder, here the ground-truth foreground as PNGs
+    folder.mkdir()
+    data = PreparedDataset.open(relevance_run / "prepared")
+    for image_id in data.split("train"):
+        Image.fromarray((oracle_saliency(data, image_id) * 255).astype(np.uint8)).save(folder / f"{image_id}.png")
+    weg = {"soft_erase": 0.55, "epom": True}
+    variants = {"plain": weg, "oracle": {**weg, "saliency": "oracle"}, "folder": {**weg, "saliency": str(folder)}}
+    pseudo = {}
+    for name, wegformer in variants.items():
         refine = {"method": "none", "seed_map": "relevance", "workers": 1, "wegformer": wegformer}
         refine["bg_threshold"] = None if "saliency" in wegformer else 0.5
         params = write_params(relevance_run / f"{name}.yaml", tiny_params_dict(refine=refine))
@@ -218,6 +225,8 @@ def test_refine_reads_relevance_with_soft_erase_epom_and_oracle_saliency(relevan
         assert result.exit_code == 0, result.output
         metrics = json.loads((relevance_run / f"results/refine_{name}/metrics.json").read_text())
         assert 0 <= metrics["pseudo"]["miou"] <= 1
-    (oracle / f"{CamStore(relevance_run / 'cams').ids[0]}.png").unlink()
+        pseudo[name] = metrics["pseudo"]["miou"]
+    assert pseudo["oracle"] == pseudo["folder"], "saliency: oracle is the ground truth's foreground"
+    (folder / f"{CamStore(relevance_run / 'cams').ids[0]}.png").unlink()
     result = _invoke("refine", "--params", params, *args)
     assert result.exit_code == 2 and "saliency map missing" in result.output.strip().splitlines()[-1]

@@ -18,8 +18,8 @@ from pipeline.refinement.wegformer import (
     drs_scores,
     epom,
     load_saliency,
+    oracle_saliency,
     soft_erase,
-    write_oracle_saliency,
 )
 
 IGNORE = 255
@@ -110,12 +110,13 @@ def test_saliency_file_errors_name_the_file(tmp_path):
 def test_oracle_saliency_is_the_ground_truth_foreground(tmp_path):
     synthetic = SyntheticParams(num_train=3, num_val=2, image_size=32)
     data = prepare(DataParams(synthetic=synthetic), 0, tmp_path / "data")
-    out = tmp_path / "oracle"
-    written = write_oracle_saliency(tmp_path / "data", out, "train")
-    assert written == len(data.split("train"))
     image_id = data.split("train")[0]
-    saliency = load_saliency(out, image_id, data.load_image(image_id).shape[:2])
+    saliency = oracle_saliency(data, image_id)
+    assert saliency.dtype == np.float32 and set(np.unique(saliency)) <= {0.0, 1.0}
     assert np.array_equal(saliency == 1.0, data.load_mask(image_id) != 0)
+    data.mask_path(image_id).unlink()
+    with pytest.raises(DatasetError, match=f"oracle needs a ground-truth mask: {image_id} has none"):
+        oracle_saliency(data, image_id)
 
 
 def test_epom_cannot_fire_on_labels_thresholded_from_the_same_maps():

@@ -7,7 +7,7 @@ They work on any stored map (Swin CAM, R-CAM, the DeiT's CAM or relevance):
   WegFormer compares against): background ``1 - saliency``, weak class cues zeroed, conflicting and
   salient-but-background pixels ignored.
 * :func:`epom` (eq. 8-10): background pixels that score above a class's threshold become 255.
-* :func:`load_saliency` reads a saliency folder; :func:`write_oracle_saliency` makes one from the ground-truth
+* :func:`load_saliency` reads a saliency folder; :func:`oracle_saliency` is the ground-truth
   foreground: an ORACLE (upper bound), for the synthetic benchmark only.
 """
 
@@ -20,7 +20,6 @@ from PIL import Image
 
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
-from pipeline.io import save_label_png
 
 GREY = [(i, i, i) for i in range(256)]
 
@@ -139,26 +138,20 @@ def load_saliency(folder: Path, image_id: str, size: tuple[int, int]) -> np.ndar
     return grey
 
 
-def write_oracle_saliency(data_dir: Path | str, out_dir: Path | str, split: str = "train") -> int:
-    """ORACLE saliency from the ground truth (an upper bound, never a method): 255 on objects, 0 on background.
+ORACLE = "oracle"  # refine.wegformer.saliency: the ground-truth foreground (an upper bound, never a method)
 
-    The ignore band around objects counts as salient. Images without a mask get no file.
 
-    Args:
-        data_dir: Prepared dataset.
-        out_dir: Folder for ``<image_id>.png`` (created).
-        split: The split to write.
+def oracle_saliency(data: PreparedDataset, image_id: str) -> np.ndarray:
+    """ORACLE saliency from the ground truth (an upper bound, never a method): 1 on objects, 0 on background.
+
+    The ignore band around objects counts as salient.
 
     Returns:
-        The number of files written.
+        (H, W) float32 in {0, 1}.
+
+    Raises:
+        DatasetError: If the image has no ground-truth mask.
     """
-    data = PreparedDataset.open(Path(data_dir))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = 0
-    for image_id in data.split(split):
-        if data.mask_path(image_id).is_file():
-            salient = (data.load_mask(image_id) != 0).astype(np.uint8) * 255  # (H, W)
-            save_label_png(out / f"{image_id}.png", salient, GREY)
-            written += 1
-    return written
+    if not data.mask_path(image_id).is_file():
+        raise DatasetError(f"refine.wegformer.saliency = oracle needs a ground-truth mask: {image_id} has none")
+    return (data.load_mask(image_id) != 0).astype(np.float32)  # (H, W)
