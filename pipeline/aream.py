@@ -23,6 +23,12 @@ by ``A_l`` summed over classes, softmax over tokens, entropy in bits, batch mean
 
 At inference (``cams``) the CAM is re-activated by the uniform mean of every block's affinity and stored as the
 ``aream`` map. See docs/classifier.md (AReAM) and /work/shared/reference/refinement.md §4.
+
+On SWTformer (S1 of the reference's §4.4) the blocks are those of one Swin stage, their window attention scattered
+onto the stage's token grid (:mod:`pipeline.models.window_attention`; zero outside each window). The CAM is
+resampled to that grid and re-activated ``steps`` times through the fused affinity plus the identity, rows
+renormalised (:func:`window_walk`): one step moves it inside a window only. The loss of a deep block is taken on
+the pairs it attends with (the window pairs its shift mask keeps); the pair labels of the others do not count.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.models.window_attention import gather_windows
 from pipeline.refinement.par import PAR, scaled_size
 
 IGNORE = 255
@@ -66,6 +73,19 @@ def reactivate(cam: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
     b, c, h, w = cam.shape
     flat = cam.float().reshape(b, c, h * w).transpose(1, 2)  # (B, N, C)
     return torch.bmm(affinity.float(), flat).transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w)
+
+
+def window_walk(affinity: torch.Tensor) -> torch.Tensor:
+    """Window attention as a walk: ``A + I`` with rows renormalised to sum to 1: (B, N, N) -> (B, N, N)."""
+    walk = affinity + torch.eye(affinity.shape[-1], device=affinity.device, dtype=affinity.dtype)
+    return walk / walk.sum(dim=2, keepdim=True)
+
+
+def reactivate_steps(cam: torch.Tensor, affinity: torch.Tensor, steps: int) -> torch.Tensor:
+    """:func:`reactivate` ``steps`` times: (B, C, h, w), (B, N, N) -> (B, C, h, w)."""
+    for _ in range(steps):
+        cam = reactivate(cam, affinity)
+    return cam
 
 
 def layer_entropy(attention: Sequence[torch.Tensor], prefix: int, cam: torch.Tensor) -> torch.Tensor:
@@ -189,28 +209,43 @@ def aream_terms(
 
     Args:
         par: The PAR module for the reliable labels.
-        out: The DeiT classifier's output with ``attention=True``: ``cam`` (B, C, h, w), ``attention`` and
-            ``attention_logits`` (L tensors (B, heads, T, T)).
+        out: The classifier's output with ``attention=True``: ``cam`` (B, C, h, w), ``attention`` (L tensors
+            (B, heads, T, T) of probabilities) and ``attention_logits``; the DeiT's are (B, heads, T, T) with its
+            prefix tokens first. SWTformer's attention is (B, 1, N, N) on the grid ``attention_grid``, its logits
+            (B, nW, M^2, M^2) per window with ``attention_windows`` (slot index, valid pairs) per block.
         images: (B, 3, S, S) the training crops.
         labels: (B, C) image-level labels.
         valid: (B, 1, S, S) valid pixels of the crops.
-        cfg: ``loss.aream`` as a mapping (``split``, ``bg_thresholds``, ``weights``, ``par_scale``).
+        cfg: ``loss.aream`` as a mapping (``split``, ``bg_thresholds``, ``weights``, ``par_scale``, ``steps``).
 
     Returns:
         ``aff`` (the weighted mean over deep blocks, with gradients) and ``aff_ignored`` (the ignored share of
         the pairs, a diagnostic).
     """
-    probs, logits = out["attention"], out["attention_logits"]
-    split, prefix = cfg["split"], probs[0].shape[-1] - out["cam"].shape[-2] * out["cam"].shape[-1]
+    probs, logits, windows = out["attention"], out["attention_logits"], out.get("attention_windows")
+    grid = tuple(out.get("attention_grid", out["cam"].shape[-2:]))
+    split, prefix = cfg["split"] or (len(probs) + 1) // 2, probs[0].shape[-1] - grid[0] * grid[1]
     with torch.no_grad():
         cam = out["cam"].detach().float() * labels[:, :, None, None]  # (B, C, h, w)
+        if tuple(cam.shape[-2:]) != grid:
+            cam = F.interpolate(cam, size=grid, mode="bilinear", align_corners=False)  # (B, C, *grid)
         e = entropy_weights(layer_entropy(probs, prefix, cam)) if cfg["weights"] == "entropy" else None
         shallow = fused_affinity(probs[:split], prefix, None if e is None else 1 - e[:split])  # (B, N, N)
-        cam = minmax_per_channel(F.relu(reactivate(cam, shallow)))  # (B, C, h, w); bilinear keeps min and max
+        if windows is None:
+            cam = reactivate(cam, shallow)
+        else:
+            cam = reactivate_steps(cam, window_walk(shallow), cfg["steps"])
+        cam = minmax_per_channel(F.relu(cam))  # (B, C, *grid); bilinear keeps min and max
         size = scaled_size(*images.shape[-2:], cfg["par_scale"])
         seg = reliable_labels(par, images, cam, labels, valid, tuple(cfg["bg_thresholds"]), size)  # (B, *size)
-        pairs = pair_labels(seg, tuple(out["cam"].shape[-2:]))  # (B, N, N)
-    deep = [affinity_loss(patch_affinity(z, prefix), pairs) for z in logits[split:]]
+        pairs = pair_labels(seg, grid)  # (B, N, N)
+    deep = []
+    for block in range(split, len(logits)):
+        if windows is None:
+            deep.append(affinity_loss(patch_affinity(logits[block], prefix), pairs))
+        else:
+            index, valid_pairs = (t.to(pairs.device) for t in windows[block])
+            deep.append(affinity_loss(logits[block], gather_windows(pairs, index, valid_pairs, IGNORE)))
     weights = [1.0] * len(deep) if e is None else e[split:]
     aff = sum(w * term for w, term in zip(weights, deep, strict=True)) / len(deep)
     return {"aff": aff, "aff_ignored": (pairs == IGNORE).float().mean()}

@@ -7,6 +7,7 @@ DeiT classifier, whose CAM is its patch-token head's (no R-CAM).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -94,14 +95,24 @@ def multiscale_all_maps(
     scales: tuple[float, ...],
     flip: bool,
     seed_locating: SeedLocating,
-    aream: bool = False,
+    aream: Mapping[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """:func:`multiscale_maps` as a mapping, plus (``aream``, DeiT only) AReAM's re-activated CAM.
+    """:func:`multiscale_maps` as a mapping, plus (``aream``: a model trained with AReAM) its re-activated CAM.
+
+    Args:
+        model: The classifier.
+        images: (B, 3, H, W) normalised images.
+        label_mask: (B, K, 1, 1) present classes (V2's seeds).
+        scales: Scales of the input.
+        flip: Add flipped copies.
+        seed_locating: V2's seeds at inference.
+        aream: ``meta.json``'s AReAM settings (``stage``, ``steps``; SWTformer only) or ``None``.
 
     Returns:
-        ``cam`` (B, C, H, W), ``rcam`` (B, K, H, W) for V2, and with ``aream`` the CAM re-activated by the mean
-        attention of all blocks (:meth:`pipeline.models.deit.DeiTClassifier.reactivated`), each copy re-activated
-        before the flipped one is flipped back; all summed over scales and max-normalised.
+        ``cam`` (B, C, H, W), ``rcam`` (B, K, H, W) for V2, and with ``aream`` the CAM re-activated through the
+        attention (the ``reactivated`` method of :class:`pipeline.models.deit.DeiTClassifier` or
+        :class:`SWTformer`), each copy re-activated before the flipped one is flipped back; all summed over
+        scales and max-normalised.
     """
     h, w = images.shape[-2:]
     sums: dict[str, torch.Tensor] = {}
@@ -110,7 +121,7 @@ def multiscale_all_maps(
         x = F.interpolate(images, size=size, mode="bicubic", align_corners=False) if scale != 1 else images
         if flip:
             x = torch.cat([x, x.flip(-1)])
-        feats, extra = model.reactivated(x) if aream else (model.features(x), None)
+        feats, extra = model.reactivated(x, **aream) if aream is not None else (model.features(x), None)
         if flip:
             fused = feats.fused if feats.fused is None else _unflip(feats.fused)
             feats = Features(_unflip(feats.logit_map), _unflip(feats.tokens), fused)
@@ -173,7 +184,7 @@ def generate_cams(
     scored = scored_ids(data, params, ids)
     grid = threshold_grid(params.sweep.max, params.sweep.step)
     evaluators = _evaluators(model, meta, params, data.num_classes, grid)
-    aream = "aream" in evaluators
+    aream = aream_settings(meta) if "aream" in evaluators else None
     live = open_live(results_dir)
     picks = Picks(params.gallery_size)
     # failure cases: the lowest IoU of this map's argmax seeds
@@ -214,6 +225,15 @@ def generate_cams(
     return headline | {"images_without_labels": unlabelled}
 
 
+def aream_settings(meta: dict) -> dict[str, int] | None:
+    """AReAM's inference settings (``stage``, ``steps``) from ``meta.json``; ``None`` without AReAM.
+
+    A DeiT model written before the settings were recorded says ``true``: ``{}`` (its defaults).
+    """
+    recorded = meta.get("aream", False)
+    return dict(recorded) if isinstance(recorded, dict) else ({} if recorded else None)
+
+
 def _evaluators(
     model: torch.nn.Module, meta: dict, params: CamsParams, num_classes: int, grid: np.ndarray
 ) -> dict[str, SeedEvaluator]:
@@ -223,7 +243,7 @@ def _evaluators(
         ModelError: If relevance maps are asked of a classifier that is not the DeiT.
     """
     names = ["cam"] + (["rcam"] if model.version == "v2" else [])
-    names += ["aream"] if meta.get("aream", False) else []  # a DeiT trained with loss.aream
+    names += ["aream"] if aream_settings(meta) is not None else []  # a classifier trained with loss.aream
     if params.relevance.kind != "none":
         if model.version != "deit":
             kind = params.relevance.kind

@@ -245,22 +245,28 @@ class TrainClsParams(Schedule, AmpRuntime):
 
 
 class AReAMParams(Section):
-    """AReAM's attention supervision for ``model.arch: deit`` (``loss.aream``; pipeline/aream.py, docs/classifier.md).
+    """AReAM's attention supervision (``loss.aream``; pipeline/aream.py, docs/classifier.md).
 
     After ``warmup_epochs`` epochs, blocks ``< split`` (shallow) re-activate the CAM that PAR refines into
     reliable labels with the background scores ``bg_thresholds`` (low, high; pixels between are ignored), and
-    blocks ``>= split`` (deep) get the affinity loss, weighted by ``weight``. ``weights``: ``uniform`` or
-    ``entropy`` (each block weighted by the min-max normalised entropy of its re-activated map, online).
-    ``par_scale``: the resolution PAR runs at, relative to the crop (AFA / AReAM: 0.5; 0.25 keeps the CPU step cheap).
+    blocks ``>= split`` (deep) get the affinity loss, weighted by ``weight``. ``split: null`` = half the blocks
+    (rounded up). ``weights``: ``uniform`` or ``entropy`` (each block weighted by the min-max normalised entropy
+    of its re-activated map, online). ``par_scale``: the resolution PAR runs at, relative to the crop (AFA /
+    AReAM: 0.5; 0.25 keeps the CPU step cheap). DeiT: the blocks are the ViT's. SWTformer (S1 of
+    ``/work/shared/reference/refinement.md`` §4.4): the blocks of Swin stage ``stage`` (1-based), whose window
+    attention is scattered onto the stage's token grid; the CAM is re-activated ``steps`` times through it (plus
+    the identity, rows renormalised), since one step moves it inside a window only.
     """
 
     enabled: bool = False
     warmup_epochs: Annotated[int, Field(ge=0)] = 4
-    split: PositiveInt = 2
+    split: PositiveInt | None = None
     bg_thresholds: Annotated[tuple[Probability, Probability], FROM_LIST] = (0.35, 0.55)
     weights: Literal["uniform", "entropy"] = "uniform"
     weight: PositiveFloat = 0.1
     par_scale: Annotated[float, Field(gt=0, le=1)] = 0.25
+    stage: Annotated[int, Field(ge=1, le=4)] = 3
+    steps: PositiveInt = 2
 
     @model_validator(mode="after")
     def _order(self) -> AReAMParams:
@@ -268,9 +274,13 @@ class AReAMParams(Section):
             raise ValueError("bg_thresholds must be [low, high] with low <= high")
         return self
 
+    def split_of(self, depth: int) -> int:
+        """The first deep block among ``depth`` blocks: ``split``, or half of them rounded up."""
+        return self.split if self.split is not None else (depth + 1) // 2
+
 
 class LossParams(Section):
-    """Loss terms of ``train_cls``; each switch turns one term on or off (V2 only for GSC and CCL; AReAM: DeiT)."""
+    """Loss terms of ``train_cls``; each switch turns one term on or off (V2 only for GSC and CCL)."""
 
     cls_weight: PositiveFloat = 1.0
     gsc: bool = True
@@ -563,12 +573,19 @@ class Params(Section):
     @model_validator(mode="after")
     def _aream(self) -> Params:
         aream, model = self.loss.aream, self.model
-        if aream.enabled and model.arch != "deit":
-            raise ValueError(f"loss.aream.enabled needs model.arch: deit, not {model.arch} (no AReAM for Swin yet)")
-        if aream.enabled and model.vit.name == "small" and aream.split >= model.vit.depth:
+        if not aream.enabled:
+            return self
+        if model.arch == "deit" and model.vit.name == "small":
+            depth, blocks = model.vit.depth, f"model.vit.depth = {model.vit.depth}"
+        elif model.arch == "swtformer" and model.backbone == "small":
+            depth = model.swin.depths[aream.stage - 1]
+            blocks = f"the {depth} blocks of Swin stage loss.aream.stage = {aream.stage}"
+        else:
+            return self  # a timm model's depth is known once built (train_cls checks it)
+        if depth < 2 or aream.split_of(depth) >= depth:
             raise ValueError(
-                f"loss.aream.split = {aream.split} must be below model.vit.depth = {model.vit.depth} "
-                "(blocks >= split are the deep ones)"
+                f"loss.aream.split = {aream.split_of(depth)} must be below {blocks} "
+                "(blocks >= split are the deep ones; AReAM needs 2 blocks or more)"
             )
         return self
 

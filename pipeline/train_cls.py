@@ -32,7 +32,8 @@ def label_mask(valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _meta(params: StageParams, data: PreparedDataset) -> dict[str, Any]:
-    """Everything ``cams`` needs to rebuild the classifier (``meta.json``)."""
+    """Everything ``cams`` needs to rebuild the classifier (``meta.json``), and AReAM's inference settings."""
+    aream = params.loss.aream
     return {
         "model": params.model.model_dump(mode="json"),
         "num_classes": data.num_classes - 1,
@@ -40,7 +41,7 @@ def _meta(params: StageParams, data: PreparedDataset) -> dict[str, Any]:
         "mean": list(params.data.mean),
         "std": list(params.data.std),
         "class_names": data.class_names,
-        "aream": params.loss.aream.enabled,
+        "aream": aream.model_dump(include={"stage", "steps"}) if aream.enabled else False,
     }
 
 
@@ -117,16 +118,18 @@ def _has_unused_parameters(params: StageParams) -> bool:
 
 
 def check_aream_split(params: StageParams, model: torch.nn.Module) -> None:
-    """Refuse an AReAM ``split`` that leaves no deep block (a timm ViT's depth is known once it is built).
+    """Refuse an AReAM ``split`` that leaves no deep block (a timm model's depth is known once it is built).
 
     Raises:
-        ConfigError: If ``loss.aream.split`` is not below the number of blocks.
+        ConfigError: If ``loss.aream.split`` is not below the number of blocks (the ViT's, or the Swin stage's).
     """
     aream = params.loss.aream
-    depth = len(getattr(model, "attentions", ()))
-    if aream.enabled and aream.split >= depth:
+    if not aream.enabled:
+        return
+    blocks = model.stage_blocks(aream.stage) if hasattr(model, "stage_blocks") else model.attentions
+    if aream.split_of(len(blocks)) >= len(blocks):
         raise ConfigError(
-            f"loss.aream.split = {aream.split} must be below the ViT's {depth} blocks "
+            f"loss.aream.split = {aream.split_of(len(blocks))} must be below the {len(blocks)} blocks AReAM uses "
             "(blocks >= split are the deep ones)"
         )
 
@@ -148,9 +151,14 @@ def _loss_step(
         labels = batch["labels"].to(device)  # (B, C)
         valid = batch["valid"].to(device)  # (B, 1, S, S)
         mask = label_mask(valid, labels)  # (B, C+1, S, S)
-        attention = arch == "deit" and aream["enabled"] and epoch() >= aream["warmup_epochs"]
+        attention = aream["enabled"] and epoch() >= aream["warmup_epochs"]
         with runtime.autocast(device, amp):
-            out = net(images, mask, attention=True) if attention else net(images, mask)
+            if not attention:
+                out = net(images, mask)
+            elif arch == "deit":
+                out = net(images, mask, attention=True)
+            else:
+                out = net(images, mask, attention=True, stage=aream["stage"])
         if arch == "deit":
             terms = deit_loss(out, labels, cls_weight=loss_args["cls_weight"])
         else:

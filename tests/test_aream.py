@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import default_params_dict, tiny_params_dict, write_params
 from test_deit import IMG, NUM_CLASSES, TINY_VIT, tiny_deit
+from test_swtformer import TINY_SWIN
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
@@ -26,11 +27,14 @@ from pipeline.aream import (
     pair_labels,
     present_channels,
     reactivate,
+    reactivate_steps,
     reliable_labels,
+    window_walk,
 )
 from pipeline.config import parse_params
 from pipeline.errors import ConfigError
 from pipeline.io import CamStore
+from pipeline.models.swtformer import build_model
 from pipeline.refinement.par import PAR
 from pipeline.refinement.seeds import choose_seed_map
 from stages.cli import app
@@ -186,19 +190,65 @@ def test_reactivated_inference_matches_the_features_and_rows_are_stochastic():
     assert cam.shape == (1, NUM_CLASSES, 8, 10) and bool((cam >= 0).all())
 
 
+# --- SWTformer (S1: the window attention of one Swin stage) ------------------------------------------------------
+
+
+def test_window_walk_adds_the_identity_and_keeps_rows_stochastic():
+    affinity = torch.tensor([[[0.0, 0.0], [0.5, 0.5]]])  # (1, 2, 2): a token outside every window has a zero row
+    walk = window_walk(affinity)
+    assert_close(walk, torch.tensor([[[1.0, 0.0], [0.25, 0.75]]]))
+    cam = torch.rand(1, 3, 1, 2)
+    assert_close(reactivate_steps(cam, window_walk(torch.zeros(1, 2, 2)), 3), cam), "no attention: the identity"
+
+
+def tiny_swin_aream():
+    """A V2 SWTformer at 32 px whose stage 3 (a 4 x 4 grid in 2 x 2 windows) has a regular and a shifted block."""
+    torch.manual_seed(0)
+    swin = TINY_SWIN.model_copy(update={"depths": (1, 1, 2, 1)}).model_dump()
+    return build_model(NUM_CLASSES, 32, swin=swin, hff_dims=(4, 4, 8, 8))
+
+
+def test_swin_aream_terms_supervise_the_deep_window_pairs():
+    model = tiny_swin_aream().train()
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    mask = torch.cat([torch.ones(2, 1, 1, 1), labels[:, :, None, None]], dim=1)
+    out = model(images, mask, attention=True, stage=3)
+    assert out["attention_grid"] == (4, 4) and [a.shape for a in out["attention"]] == [(2, 1, 16, 16)] * 2
+    assert [z.shape for z in out["attention_logits"]] == [(2, 4, 4, 4)] * 2, "(B, windows, M^2, M^2)"
+    assert out["cam"].shape[-2:] == (2, 2), "the CAM is on the last stage's grid, re-activated on stage 3's"
+    cfg = {"split": None, "bg_thresholds": (0.35, 0.55), "weights": "uniform", "par_scale": 0.5, "steps": 2}
+    terms = aream_terms(PAR(), out, images, labels, torch.ones(2, 1, 32, 32), cfg)
+    assert 0 <= terms["aff"].item() <= 0.5
+    terms["aff"].backward()
+    assert model.cam_head.weight.grad is None, "the labels are built without gradients"
+    deep = model.stage_blocks(3)[1].attn.qkv.weight.grad
+    assert deep is not None and deep.abs().sum() > 0, "the deep (shifted) block's attention is supervised"
+
+
+def test_swin_reactivated_inference_at_another_size():
+    model = tiny_swin_aream().eval()
+    x = torch.randn(1, 3, 40, 48)  # padded to 48 x 48 (the backbone's stride 16): stage 3 is 6 x 6, as the CAM
+    with torch.no_grad():
+        feats, cam = model.reactivated(x, stage=3, steps=2)
+        assert_close(feats.logit_map, model.features(x).logit_map, atol=1e-5, rtol=1e-5)
+    assert feats.logit_map.shape[-2:] == (3, 3) and cam.shape == (1, NUM_CLASSES, 6, 6) and bool((cam >= 0).all())
+
+
 # --- params and the seed map --------------------------------------------------------------------------------------
 
 
-def test_aream_needs_deit_and_a_deep_block_one_line_errors():
-    with pytest.raises(ConfigError, match=r"^params.yaml: loss.aream.enabled needs model.arch: deit, not swtformer"):
-        parse_params(default_params_dict(loss={"aream": {"enabled": True}}))
+def test_aream_needs_a_deep_block_one_line_errors():
     with pytest.raises(ConfigError, match="loss.aream.split = 4 must be below model.vit.depth = 4") as info:
         parse_params(default_params_dict(loss={"aream": {"enabled": True, "split": 4}}, model={"arch": "deit"}))
     assert "\n" not in str(info.value) and len(str(info.value)) < 200
+    with pytest.raises(ConfigError, match="split = 1 must be below the 1 blocks of Swin stage loss.aream.stage = 1"):
+        parse_params(default_params_dict(loss={"aream": {"enabled": True, "stage": 1}}))
     with pytest.raises(ConfigError, match="bg_thresholds must be"):
         parse_params(default_params_dict(loss={"aream": {"bg_thresholds": [0.6, 0.5]}}))
-    ok = parse_params(default_params_dict(loss={"aream": {"enabled": True}}, model={"arch": "deit"}))
-    assert ok.loss.aream.split == 2 and ok.loss.aream.bg_thresholds == (0.35, 0.55)
+    deit = parse_params(default_params_dict(loss={"aream": {"enabled": True}}, model={"arch": "deit"}))
+    assert deit.loss.aream.split is None and deit.loss.aream.split_of(4) == 2, "half the ViT's 4 blocks"
+    swin = parse_params(default_params_dict(loss={"aream": {"enabled": True}}))
+    assert swin.loss.aream.split_of(swin.model.swin.depths[2]) == 1, "stage 3's 2 blocks: 1 shallow, 1 deep"
 
 
 def test_auto_seed_map_prefers_rcam_then_aream_then_cam():
@@ -213,14 +263,8 @@ def test_auto_seed_map_prefers_rcam_then_aream_then_cam():
 # --- train_cls + cams -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def aream_run(tmp_path_factory) -> Path:
-    """prepare -> train_cls -> cams, DeiT with AReAM from the second epoch; returns the output root."""
-    root = tmp_path_factory.mktemp("aream")
-    raw = tiny_params_dict(
-        model={"arch": "deit", "vit": TINY_VIT},
-        loss={"aream": {"enabled": True, "warmup_epochs": 1, "split": 1, "weights": "entropy"}},
-    )
+def _run_stages(root: Path, raw: dict) -> Path:
+    """prepare -> train_cls -> cams with the params ``raw`` under ``root``; returns ``root``."""
     params = write_params(root / "params.yaml", raw)
     common = ["--data", root / "prepared", "--model-dir", root / "models"]
     stages = {
@@ -236,9 +280,19 @@ def aream_run(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def aream_run(tmp_path_factory) -> Path:
+    """prepare -> train_cls -> cams, DeiT with AReAM from the second epoch; returns the output root."""
+    raw = tiny_params_dict(
+        model={"arch": "deit", "vit": TINY_VIT},
+        loss={"aream": {"enabled": True, "warmup_epochs": 1, "split": 1, "weights": "entropy"}},
+    )
+    return _run_stages(tmp_path_factory.mktemp("aream"), raw)
+
+
 def test_train_cls_adds_the_affinity_loss_after_the_warmup(aream_run):
     meta = json.loads((aream_run / "models/meta.json").read_text())
-    assert meta["aream"] is True
+    assert meta["aream"] == {"stage": 3, "steps": 2}, "the Swin settings, unused by the DeiT"
     lines = (aream_run / "results/train_cls/plots/metrics/train/loss_aff.tsv").read_text().split()
     assert lines[0] == "step" and len(lines) == 2 + 2, "logged in the second epoch only (header + one row)"
     metrics = json.loads((aream_run / "results/train_cls/metrics.json").read_text())["train"]
@@ -257,3 +311,18 @@ def test_cams_writes_and_scores_the_aream_map(aream_run):
     metrics = json.loads((aream_run / "results/cams/metrics.json").read_text())
     assert 0 <= metrics["aream"]["miou_best"] <= 1 and 0 <= metrics["cam"]["miou_best"] <= 1
     assert choose_seed_map(list(entry), "auto") == "aream"
+
+
+def test_swin_aream_from_train_cls_to_the_aream_map(tmp_path):
+    raw = tiny_params_dict(
+        model={"version": "v1", "swin": {"depths": [1, 1, 2, 1]}},
+        loss={"aream": {"enabled": True, "warmup_epochs": 1, "steps": 3}},
+    )
+    root = _run_stages(tmp_path, raw)
+    assert json.loads((root / "models/meta.json").read_text())["aream"] == {"stage": 3, "steps": 3}
+    train = json.loads((root / "results/train_cls/metrics.json").read_text())["train"]
+    assert train["loss_aff"] > 0, "the affinity loss of the second epoch"
+    store = CamStore(root / "cams")
+    entry = store.load(store.ids[0])
+    assert set(entry) == {"keys", "cam", "aream"} and entry["aream"].shape == entry["cam"].shape
+    assert choose_seed_map(list(entry), "auto") == "aream", "V1 has no R-CAM"

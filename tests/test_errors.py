@@ -15,6 +15,7 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -483,12 +484,16 @@ def test_debug_shows_the_traceback(tmp_path, image, monkeypatch, how):
 
 def test_a_deliberate_exit_inside_the_wrapper_keeps_its_code(tmp_path, monkeypatch):
     # compare exits 1 after its report when some runs failed: that is not an unexpected error
-    monkeypatch.setattr("pipeline.compare.load_grid", lambda path: object())
-    monkeypatch.setattr("pipeline.compare.run_grid", lambda grid, echo: ["v1/seed0"])
-    monkeypatch.setattr("pipeline.compare.dvc_json", lambda *args: {})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.setattr("pipeline.compare.load_grid", lambda path: SimpleNamespace(variants={}))
+    monkeypatch.setattr("pipeline.compare_run.run_grid", lambda grid, params, echo: ["v1/seed0"])
+    monkeypatch.setattr("pipeline.compare_run.commit_of", lambda rev: "0" * 40)
+    monkeypatch.setattr("pipeline.compare_run.dvc_json", lambda *args: {})
     monkeypatch.setattr("pipeline.compare.experiments", lambda shown: {})
-    monkeypatch.setattr("pipeline.compare.collect", lambda grid, found: {})
-    monkeypatch.setattr("pipeline.compare.write_report", lambda grid, values, out: "the table")
+    monkeypatch.setattr("pipeline.compare.collect", lambda grid, found, dvc_yaml: {})
+    monkeypatch.setattr("pipeline.compare.write_report", lambda grid, values, out, context: "the table")
     result = invoke("compare", tmp_path / "grid.yaml", "--out", tmp_path / "out")
     assert result.exit_code == 1 and error_lines(result.stderr) == ["error: 1 run(s) failed: v1/seed0"], result.stderr
 

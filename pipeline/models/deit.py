@@ -138,8 +138,11 @@ class DeiTClassifier(nn.Module):
         tokens = self.encode(x)["tokens"]  # (B, D, h, w)
         return Features(self.cam_head(tokens), tokens, None)
 
-    def reactivated(self, x: torch.Tensor) -> tuple[Features, torch.Tensor]:
+    def reactivated(self, x: torch.Tensor, stage: int = 3, steps: int = 1) -> tuple[Features, torch.Tensor]:
         """AReAM's inference: the patch-token path and its CAM re-activated by the mean attention of all blocks.
+
+        ``stage`` and ``steps`` are SWTformer's (:meth:`pipeline.models.swtformer.SWTformer.reactivated`): a ViT's
+        attention is global, one step of every block, as published.
 
         Returns:
             :meth:`features`' output and the (B, C, h, w) re-activated CAM ``cam'_m = sum_n A_mn cam_n`` of the

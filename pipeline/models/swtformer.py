@@ -20,13 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
 from pipeline import runtime
+from pipeline.aream import fused_affinity, reactivate_steps, window_walk
 from pipeline.errors import ModelError, one_line
 from pipeline.metrics import classification_map
 from pipeline.models.backbone import SwinBackbone, build_backbone
 from pipeline.models.files import META, load_weights, read_model_dir, retrain_hint
+from pipeline.models.window_attention import record_window_attention
 
 EPS = 1e-5
 
@@ -247,9 +250,44 @@ class SWTformer(nn.Module):
         out.update(cam_bg=cam_bg, seeds=seeds, rcam=refined_cam(feats.fused, prototypes(seeds, feats.fused)))
         return out
 
-    def forward(self, x: torch.Tensor, label_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Full forward pass: see :meth:`maps`."""
-        return self.maps(self.features(x), label_mask)
+    def stage_blocks(self, stage: int) -> list[SwinTransformerBlock]:
+        """The Swin blocks of ``stage`` (1-based), whose attention AReAM uses."""
+        return list(self.backbone.model.layers[stage - 1].blocks)
+
+    def forward(
+        self, x: torch.Tensor, label_mask: torch.Tensor | None = None, attention: bool = False, stage: int = 3
+    ) -> dict[str, Any]:
+        """Full forward pass: see :meth:`maps`.
+
+        With ``attention``, also the attention of the blocks of Swin stage ``stage`` (AReAM, S1):
+        ``attention`` (B, 1, N, N) probabilities on the stage's token grid ``attention_grid`` (H, W), zero outside
+        each window; ``attention_logits`` (B, nW, M^2, M^2) per window; ``attention_windows`` (slot -> token
+        index, valid pairs) per block (:mod:`pipeline.models.window_attention`). Head means, one per block.
+        """
+        if not attention:
+            return self.maps(self.features(x), label_mask)
+        with record_window_attention(self.stage_blocks(stage)) as records:
+            feats = self.features(x)
+        return self.maps(feats, label_mask) | {
+            "attention": [record.dense()[:, None] for record in records],
+            "attention_logits": [record.logits for record in records],
+            "attention_windows": [(record.index, record.valid) for record in records],
+            "attention_grid": records[0].grid,
+        }
+
+    def reactivated(self, x: torch.Tensor, stage: int = 3, steps: int = 1) -> tuple[Features, torch.Tensor]:
+        """AReAM's inference (S1): :meth:`features` and the CAM re-activated through ``stage``'s window attention.
+
+        Returns:
+            :meth:`features`' output and the (B, C, H_s, W_s) max-normalised CAM, resampled to the stage's grid,
+            re-activated ``steps`` times by the identity plus the block mean of the stage's attention, rows
+            renormalised (:func:`pipeline.aream.window_walk`).
+        """
+        with record_window_attention(self.stage_blocks(stage)) as records:
+            feats = self.features(x)
+        affinity = window_walk(fused_affinity([record.dense()[:, None] for record in records], 0))  # (B, N, N)
+        cam = F.interpolate(max_norm(F.relu(feats.logit_map)), size=records[0].grid, mode="bilinear")
+        return feats, reactivate_steps(cam, affinity, steps)
 
 
 def build_model(
