@@ -172,7 +172,8 @@ def generate_cams(
         model, meta = load_classifier(model_dir, device)
         check_classes(meta, model_dir, data.root, data.class_names)
         ids = data.split(params.split)
-        shard.agree("cams", f"{len(ids)} images of {params.split}", [ids, params.model_dump(mode="json"), meta])
+        work = {"ids": ids, "params": params.model_dump(mode="json"), "model": meta}
+        shard.agree("cams", f"{len(ids)} images of {params.split}", work)
         unlabelled = data.count_unlabelled(params.split, "cams")  # their maps hold the background channel only
         grid = threshold_grid(params.sweep.max, params.sweep.step)
         evaluators = _evaluators(model, meta, params, data.num_classes, grid)

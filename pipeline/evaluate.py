@@ -122,7 +122,8 @@ def evaluate_segmenter(
         model, meta = load_segmenter(model_dir, device)
         check_classes(meta, model_dir, data.root, data.class_names)
         ids = data.split(params.split)
-        shard.agree("evaluate", f"{len(ids)} images of {params.split}", [ids, params.model_dump(mode="json"), meta])
+        work = {"ids": ids, "params": params.model_dump(mode="json"), "model": meta}
+        shard.agree("evaluate", f"{len(ids)} images of {params.split}", work)
         live = open_live(results_dir) if shard.is_main else None
         plan = size_batches(ids, data.image_size, params.batch_size)
         scoring = _ValScoring(model, meta, params, data, device, ids)

@@ -335,7 +335,8 @@ def refine_pseudo_labels(
     if model_dir is not None:
         load_affinity_model(model_dir)  # fail early, in this process, with a clear message
     with sharded("cpu") as (_, shard):
-        shard.agree("refine", f"{len(ids)} images in {cams_dir}", [ids, params.model_dump(mode="json")])
+        work = {"ids": ids, "params": params.model_dump(mode="json")}
+        shard.agree("refine", f"{len(ids)} images in {cams_dir}", work)
         workers = resolve_workers(params.workers)
         log.info("refine: method=%s, seed map=%s, %d images, %d worker(s)", params.method, seed_map, len(ids), workers)
         saliency_from = params.wegformer.saliency

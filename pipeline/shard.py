@@ -55,7 +55,8 @@ class Shard:
         if self.dist.world_size == 1:
             return [value]
         values: list[Any] | None = [None] * self.dist.world_size if self.is_main else None
-        dist.gather_object(value, values, dst=0, group=self.group)
+        with _peers_alive():
+            dist.gather_object(value, values, dst=0, group=self.group)
         return values or []
 
     def merged(self, results: Iterable[T], count: int, chunk: int = 1) -> Iterator[T]:
@@ -81,13 +82,14 @@ class Shard:
         if next(ahead, _END) is not _END:
             raise RuntimeError(f"rank {self.dist.rank} computed more results than its share of {count} units")
 
-    def agree(self, stage: str, summary: str, content: object) -> None:
+    def agree(self, stage: str, summary: str, content: dict[str, object]) -> None:
         """Stop unless every rank was given the same work (e.g. the same image ids, params and model).
 
         Args:
             stage: The stage, for the message.
             summary: What this rank sees, in words (e.g. ``1000 images of train``).
-            content: JSON-able data that must be equal on every rank; compared by hash.
+            content: JSON-able data by name (``ids``, ``params``, ...) that must be equal on every rank; compared
+                by hash.
 
         Raises:
             DistributedError: One line naming the first rank that differs from rank 0.
@@ -96,10 +98,27 @@ class Shard:
             return
         digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
         seen: list[Any] = [None] * self.dist.world_size
-        dist.all_gather_object(seen, f"{summary} (ids, params and model {digest})", group=self.group)
+        with _peers_alive():
+            dist.all_gather_object(seen, f"{summary} ({', '.join(content)}: {digest})", group=self.group)
         message = disagreement(stage, seen)
         if message is not None:
             raise DistributedError(message)
+
+
+@contextlib.contextmanager
+def _peers_alive() -> Iterator[None]:
+    """Turn the error of a collective whose peer died (gloo: connection closed) into one line that says so.
+
+    Raises:
+        DistributedError: If the collective fails.
+    """
+    try:
+        yield
+    except RuntimeError:
+        raise DistributedError(
+            "another process of this torchrun launch stopped (its error is above): this one stops too, and the "
+            "outputs keep their old content"
+        ) from None
 
 
 def interleave(parts: list[list[T]]) -> Iterator[T]:

@@ -9,6 +9,7 @@ CAM shards (6 images) cross the ranks' batches, and ``cams``'s val mAP (one batc
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +38,13 @@ SHARDED = {
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
-def wsss(root: Path, *args: object, torchrun: bool = False, **env: str) -> subprocess.CompletedProcess:
+def wsss(
+    root: Path, *args: object, torchrun: bool = False, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
     launcher = TORCHRUN if torchrun else (sys.executable,)
     command = [str(part) for part in (*launcher, "-m", "stages.cli", *args)]
     result = subprocess.run(command, cwd=root, env=subprocess_env(**env), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0 or not check, result.stdout + result.stderr
     return result
 
 
@@ -98,6 +101,23 @@ def test_cams_on_two_ranks_writes_what_one_process_writes(workspace):
             assert a.files == b.files
             for key in a.files:
                 assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), f"{name}: {key}"
+
+
+def test_a_rank_that_fails_stops_the_launch_and_leaves_the_old_store(workspace):
+    if not (workspace / "one/cams/index.json").is_file():
+        wsss(workspace, *cams_args(workspace, "one"))
+    bad = workspace / "bad"
+    shutil.copytree(workspace / "prepared", bad / "prepared")
+    shutil.copytree(workspace / "one/cams", bad / "cams")
+    image = bad / "prepared/images/train_00010.png"  # in the second batch: rank 1's
+    image.write_bytes(image.read_bytes()[:200])  # its header still reads, its pixels do not
+    args = cams_args(workspace, "bad")
+    args[args.index(workspace / "prepared")] = bad / "prepared"
+    result = wsss(workspace, *args, torchrun=True, check=False)
+    assert result.returncode != 0
+    assert f"error: cannot read image {image}: image file is truncated" in result.stderr
+    assert files(bad / "cams") == files(workspace / "one/cams")
+    assert not list(bad.glob(".cams.*")), "no staging leftovers"
 
 
 def refine_args(root: Path, name: str) -> list:
