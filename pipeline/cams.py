@@ -6,6 +6,7 @@ DeiT classifier, whose CAM is its patch-token head's (no R-CAM).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,22 +21,23 @@ from tqdm import tqdm
 
 from pipeline import runtime
 from pipeline.config import CamsParams, SeedLocating
-from pipeline.data.datasets import ClassificationEvalSet, normalize, same_size_batches
+from pipeline.data.datasets import ClassificationEvalSet, normalize, size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.errors import DatasetError, ModelError
 from pipeline.io import CamWriter
 from pipeline.live import open_live
-from pipeline.metrics import SeedEvaluator, image_miou, iou_report, threshold_grid
+from pipeline.metrics import SeedEvaluator, classification_map, image_miou, iou_report, threshold_grid
 from pipeline.models.files import check_classes
 from pipeline.models.swtformer import (
     Features,
     SWTformer,
-    evaluate_classifier,
+    classifier_scores,
     load_classifier,
     max_norm,
     with_background,
 )
 from pipeline.relevance import multiscale_relevance
+from pipeline.shard import Shard, sharded
 from pipeline.viz import Picks, Row, cam_gallery_row, caption, pick_galleries
 
 log = logging.getLogger(__name__)
@@ -161,6 +163,8 @@ def generate_cams(
     """Run inference on ``cams.split``, store CAM/R-CAM shards and write seed metrics, mAP and a gallery.
 
     Seeds are scored on every image of ``cams.split``, or only on those of ``cams.score_split`` when it is set.
+    Under ``torchrun`` the batches are shared out by rank and merged on rank 0 (:mod:`pipeline.shard`): the
+    outputs are those of one process.
 
     Args:
         params: The ``cams`` section.
@@ -168,61 +172,117 @@ def generate_cams(
         model_dir: Classifier written by ``train_cls``.
         cams_dir: Output directory of the CAM shards.
         results_dir: dvclive directory (metrics, sweep curves, gallery).
-        batch_size: Images per forward pass (same-size images only).
+        batch_size: Images per forward pass (same-size images only), per process.
 
     Returns:
-        The headline metrics.
+        The headline metrics (on rank 0; ``{}`` on the other ranks).
     """
     data = PreparedDataset.open(data_dir)
-    device = runtime.resolve_device(params.device)
-    runtime.set_threads(params.threads)
-    model, meta = load_classifier(model_dir, device)
-    check_classes(meta, model_dir, data.root, data.class_names)
-    mean, std = tuple(meta["mean"]), tuple(meta["std"])
-    ids = data.split(params.split)
-    unlabelled = data.count_unlabelled(params.split, "cams")  # their maps hold the background channel only
-    scored = scored_ids(data, params, ids)
-    grid = threshold_grid(params.sweep.max, params.sweep.step)
-    evaluators = _evaluators(model, meta, params, data.num_classes, grid)
-    aream = aream_settings(meta) if "aream" in evaluators else None
-    live = open_live(results_dir)
-    picks = Picks(params.gallery_size)
-    # failure cases: the lowest IoU of this map's argmax seeds
-    shown = next(m for m in ("rcam", "aream", "cam") if m in evaluators)
-
-    with CamWriter(cams_dir, params.shard_size) as writer:
-        bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=None, mininterval=2)
-        for group, images in same_size_batches(ids, data.load_image, batch_size):
-            x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
-            labels = [data.labels[i] for i in group]
-            mask = present_class_mask(labels, data.num_classes, device)
-            out = multiscale_all_maps(model, x, mask, params.scales, params.flip, params.seed_locating, aream)
-            if "relevance" in evaluators:
-                args = (params.scales, params.flip, params.relevance)
-                out["relevance"] = multiscale_relevance(model, x, labels, *args)  # (B, C, H, W)
-            for row, image_id in enumerate(group):
-                keys = np.array([0, *labels[row]], dtype=np.int64)
-                maps = _image_maps(out, row, keys)
-                writer.add(image_id, keys, maps)
-                score = scored is None or image_id in scored
-                gt = data.load_mask(image_id) if score or len(picks.first) < params.gallery_size else None
-                if score:
-                    for name, evaluator in evaluators.items():
-                        evaluator.add(maps[name], keys, gt)
-                iou = image_miou(keys[maps[shown].argmax(0)], gt, data.num_classes) if score else float("nan")
-                picks.add(iou, (image_id, images[row], maps, keys, gt))
-            bar.update(len(group))
+    with sharded(params.device) as (device, shard):
+        runtime.set_threads(params.threads)
+        model, meta = load_classifier(model_dir, device)
+        check_classes(meta, model_dir, data.root, data.class_names)
+        ids = data.split(params.split)
+        work = {"ids": ids, "params": params.model_dump(mode="json"), "model": meta}
+        shard.agree("cams", f"{len(ids)} images of {params.split}", work)
+        unlabelled = data.count_unlabelled(params.split, "cams")  # their maps hold the background channel only
+        grid = threshold_grid(params.sweep.max, params.sweep.step)
+        evaluators = _evaluators(model, meta, params, data.num_classes, grid)
+        seeds = _SeedPass(model, meta, params, data, device, ids, scored_ids(data, params, ids), evaluators)
+        live = open_live(results_dir) if shard.is_main else None
+        plan = size_batches(ids, data.image_size, batch_size)
+        quiet = None if shard.is_main else True  # rank 0 shows every rank's progress
+        bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=quiet, mininterval=2)
+        with CamWriter(cams_dir, params.shard_size) if shard.is_main else contextlib.nullcontext() as writer:
+            for stored in shard.merged(map(seeds, shard.mine(plan)), len(plan)):  # rank 0: every batch, in order
+                for image_id, keys, maps in stored:
+                    writer.add(image_id, keys, maps)
+                bar.update(len(stored))
         bar.close()
-    _log_galleries(live, picks, shown, data)
-    headline = _log_seed_metrics(live, evaluators, data.class_names, grid)
-    live.log_metric("images_without_labels", unlabelled, plot=False)
-    valset = ClassificationEvalSet(data, "val", meta["img_size"], mean, std)
-    scores = evaluate_classifier(model, DataLoader(valset, batch_size=16), device, amp=True)
-    for name, value in scores.items():
-        live.log_metric(f"val/{name}", value, plot=False)
-        headline[f"val/{name}"] = value
-    live.end()
-    return headline | {"images_without_labels": unlabelled}
+        parts = shard.gather((evaluators, seeds.picks))
+        scores = _val_scores(model, data, meta, device, shard)
+        if live is None:
+            return {}
+        evaluators = {name: SeedEvaluator.merged([part[name] for part, _ in parts]) for name in evaluators}
+        _log_galleries(live, Picks.merged([picks for _, picks in parts]), seeds.shown, data)
+        headline = _log_seed_metrics(live, evaluators, data.class_names, grid)
+        live.log_metric("images_without_labels", unlabelled, plot=False)
+        for name, value in classification_map(*scores).items():
+            live.log_metric(f"val/{name}", value, plot=False)
+            headline[f"val/{name}"] = value
+        live.end()
+        return headline | {"images_without_labels": unlabelled}
+
+
+class _SeedPass:
+    """The maps of batches of images, scored against the ground truth and offered to the gallery as they come.
+
+    Args:
+        model: The classifier in eval mode.
+        meta: Its ``meta.json`` (``mean``, ``std``, ``aream``).
+        params: The ``cams`` section.
+        data: The prepared dataset.
+        device: Where the model runs.
+        ids: The images of ``cams.split``, in order (an image's place there orders the gallery's picks).
+        scored: The ids whose seeds are scored (``None``: all).
+        evaluators: One seed evaluator per stored map (:func:`_evaluators`).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, meta: dict, params: CamsParams, data: PreparedDataset, device: torch.device,
+        ids: list[str], scored: set[str] | None, evaluators: dict[str, SeedEvaluator],
+    ) -> None:  # fmt: skip
+        self.model, self.params, self.data, self.device = model, params, data, device
+        self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
+        self.aream = aream_settings(meta) if "aream" in evaluators else None
+        self.order = {image_id: k for k, image_id in enumerate(ids)}
+        self.scored, self.evaluators = scored, evaluators
+        self.picks = Picks(params.gallery_size)
+        # failure cases: the lowest IoU of this map's argmax seeds
+        self.shown = next(m for m in ("rcam", "aream", "cam") if m in evaluators)
+
+    def __call__(self, group: list[str]) -> list[tuple[str, np.ndarray, dict[str, np.ndarray]]]:
+        """One batch of same-size images -> ``(image id, keys, maps)`` per image, what the CAM store keeps."""
+        params, data = self.params, self.data
+        images = [data.load_image(image_id) for image_id in group]
+        x = torch.stack([normalize(im, self.mean, self.std) for im in images]).to(self.device)  # (B, 3, H, W)
+        labels = [data.labels[i] for i in group]
+        mask = present_class_mask(labels, data.num_classes, self.device)
+        out = multiscale_all_maps(self.model, x, mask, params.scales, params.flip, params.seed_locating, self.aream)
+        if "relevance" in self.evaluators:
+            args = (params.scales, params.flip, params.relevance)
+            out["relevance"] = multiscale_relevance(self.model, x, labels, *args)  # (B, C, H, W)
+        stored = []
+        for row, image_id in enumerate(group):
+            keys = np.array([0, *labels[row]], dtype=np.int64)
+            maps = _image_maps(out, row, keys)
+            stored.append((image_id, keys, maps))
+            order = self.order[image_id]
+            score = self.scored is None or image_id in self.scored
+            gt = data.load_mask(image_id) if score or order < params.gallery_size else None
+            if score:
+                for name, evaluator in self.evaluators.items():
+                    evaluator.add(maps[name], keys, gt)
+            iou = image_miou(keys[maps[self.shown].argmax(0)], gt, data.num_classes) if score else float("nan")
+            self.picks.add(iou, (image_id, images[row], maps, keys, gt), order)
+        return stored
+
+
+def _val_scores(
+    model: torch.nn.Module, data: PreparedDataset, meta: dict, device: torch.device, shard: Shard
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The classifier's (N, C) scores on val and the (N, C) labels, in batches of 16 shared out by rank.
+
+    Returns:
+        The whole split's scores and labels on the main process; ``None`` on the others.
+    """
+    valset = ClassificationEvalSet(data, "val", meta["img_size"], tuple(meta["mean"]), tuple(meta["std"]))
+    plan = [list(range(start, min(start + 16, len(valset)))) for start in range(0, len(valset), 16)]
+    loader = DataLoader(valset, batch_sampler=shard.mine(plan))
+    parts = list(shard.merged((classifier_scores(model, [batch], device, True) for batch in loader), len(plan)))
+    if not shard.is_main:
+        return None
+    return np.concatenate([s for s, _ in parts]), np.concatenate([t for _, t in parts])
 
 
 def aream_settings(meta: dict) -> dict[str, int] | None:

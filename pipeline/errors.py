@@ -37,6 +37,10 @@ class TrainingError(UserError, RuntimeError):
     """Training cannot go on (a non-finite loss, an impossible device or batch set-up)."""
 
 
+class DistributedError(UserError, RuntimeError):
+    """The processes of a ``torchrun`` launch cannot share a stage's work (e.g. they see different images)."""
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when the message is empty."""
     text = str(exc).strip()

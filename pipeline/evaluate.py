@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline import runtime
 from pipeline.config import EvaluateParams, RefineParams
-from pipeline.data.datasets import normalize, same_size_batches
+from pipeline.data.datasets import normalize, same_size_batches, size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.io import load_label_png, write_json
 from pipeline.live import open_live
@@ -31,6 +31,7 @@ from pipeline.models.files import check_classes
 from pipeline.parallel import OrderedPool, resolve_workers
 from pipeline.refinement.crf import dense_crf
 from pipeline.refinement.seeds import choose_seed_map, open_cam_store, threshold_labels
+from pipeline.shard import sharded
 from pipeline.viz import Picks, Row, caption, confusion_image, label_gallery_row, pick_galleries
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,15 @@ class ConfusionSet:
     def add(self, mode: str, pred: np.ndarray, gt: np.ndarray) -> None:
         """Add one image's (H, W) prediction against its (H, W) ground truth (255 ignored)."""
         self.matrices[mode] += confusion_matrix(pred, gt, self.num_classes)
+
+    @classmethod
+    def merged(cls, parts: list[ConfusionSet]) -> ConfusionSet:
+        """The summed matrices of ``parts`` (those of a sharded run's processes)."""
+        total = cls(list(parts[0].matrices), parts[0].num_classes)
+        for part in parts:
+            for mode, matrix in part.matrices.items():
+                total.matrices[mode] += matrix
+        return total
 
     def summary(self, names: list[str]) -> dict[str, float]:
         """Flat metrics: ``<mode>/miou`` and ``<mode>/iou/<class>`` (classes absent from GT and predictions skipped)."""
@@ -87,6 +97,9 @@ def evaluate_segmenter(
 ) -> dict[str, float]:
     """Evaluate the model on ``evaluate.split`` and write metrics, confusion matrices and galleries.
 
+    Under ``torchrun`` the batches are shared out by rank and merged on rank 0 (:mod:`pipeline.shard`): the
+    outputs are those of one process.
+
     Args:
         params: The ``evaluate`` section.
         data_dir: Prepared dataset (images and ground-truth masks).
@@ -95,7 +108,8 @@ def evaluate_segmenter(
         ladder: Given, the ladder gallery of train images through the stages is drawn too (:func:`ladder_galleries`).
 
     Returns:
-        The flat metrics (``single_scale/miou``, ``multi_scale/miou``, per-class IoUs, ...).
+        The flat metrics (``single_scale/miou``, ``multi_scale/miou``, per-class IoUs, ...) on rank 0; ``{}`` on the
+        other ranks.
 
     Raises:
         SegModelError: If the model is missing.
@@ -103,50 +117,89 @@ def evaluate_segmenter(
         ModelError: If the model's classes differ from the data's.
     """
     data = PreparedDataset.open(data_dir)
-    device = runtime.resolve_device(params.device)
-    runtime.set_threads(params.threads)
-    model, meta = load_segmenter(model_dir, device)
-    check_classes(meta, model_dir, data.root, data.class_names)
-    mean, std, names = tuple(meta["mean"]), tuple(meta["std"]), data.class_names
-    live = open_live(results_dir)
-    ids = data.split(params.split)
-    confusions = ConfusionSet(["single_scale", "multi_scale"] + (["crf"] if params.use_crf else []), data.num_classes)
-    picks, shown, crf_shown = Picks(params.gallery_size), set(ids[: params.gallery_size]), {}  # id -> CRF labels
-    crf_args = params.crf.model_dump()
+    with sharded(params.device) as (device, shard):
+        runtime.set_threads(params.threads)
+        model, meta = load_segmenter(model_dir, device)
+        check_classes(meta, model_dir, data.root, data.class_names)
+        ids = data.split(params.split)
+        work = {"ids": ids, "params": params.model_dump(mode="json"), "model": meta}
+        shard.agree("evaluate", f"{len(ids)} images of {params.split}", work)
+        live = open_live(results_dir) if shard.is_main else None
+        plan = size_batches(ids, data.image_size, params.batch_size)
+        scoring = _ValScoring(model, meta, params, data, device, ids)
+        mine = shard.mine(plan)
+        quiet = None if shard.is_main else True  # rank 0 shows its own share
+        bar = tqdm(total=sum(map(len, mine)), desc=f"evaluate {params.split}", unit="img", disable=quiet, mininterval=2)
+        workers = resolve_workers(params.crf_workers) if params.use_crf else 0
+        # at most 2 images per CRF worker in flight (one worker: the CRF runs here, image by image)
+        with OrderedPool(_crf_job, workers if workers > 1 else 0, in_flight=2) as crf:
+            for group in mine:
+                scoring(group, crf)
+                bar.update(len(group))
+            scoring.add_crf(crf.drain())
+        bar.close()
+        parts = shard.gather((scoring.confusions, scoring.picks, scoring.crf_shown))
+        if live is None:
+            return {}
+        confusions = ConfusionSet.merged([confusions for confusions, _, _ in parts])
+        crf_shown = {image_id: label for _, _, shown in parts for image_id, label in shown.items()}
+        pictures = _val_galleries(Picks.merged([picks for _, picks, _ in parts]), crf_shown, data)
+        if ladder is not None:
+            pictures |= ladder_galleries(model, meta, data, ladder, params)
+        metrics = confusions.summary(data.class_names)
+        _write_results(live, confusions, metrics, data.class_names, Path(results_dir), pictures)
+        return metrics
 
-    def add_crf(results: list[tuple[str, np.ndarray]]) -> None:
+
+class _ValScoring:
+    """Batches of val images through the model (single-scale, multi-scale + flip, CRF), scored as they come.
+
+    Args:
+        model: The segmentation model.
+        meta: Its ``meta.json`` (``mean``, ``std``).
+        params: The ``evaluate`` section.
+        data: The prepared dataset.
+        device: Where the model runs.
+        ids: The images of ``evaluate.split``, in order (an image's place there orders the gallery's picks).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, meta: dict, params: EvaluateParams, data: PreparedDataset, device: torch.device,
+        ids: list[str],
+    ) -> None:  # fmt: skip
+        self.model, self.params, self.data, self.device = model, params, data, device
+        self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
+        self.order = {image_id: k for k, image_id in enumerate(ids)}
+        modes = ["single_scale", "multi_scale"] + (["crf"] if params.use_crf else [])
+        self.confusions = ConfusionSet(modes, data.num_classes)
+        self.picks = Picks(params.gallery_size)
+        self.shown = set(ids[: params.gallery_size])
+        self.crf_shown: dict[str, np.ndarray] = {}  # id -> CRF labels, for the gallery
+
+    def __call__(self, group: list[str], crf: OrderedPool) -> None:
+        """Score one batch of same-size images; their CRF goes to ``crf``'s workers."""
+        params, data = self.params, self.data
+        images = [data.load_image(image_id) for image_id in group]
+        x = torch.stack([normalize(im, self.mean, self.std) for im in images]).to(self.device)  # (B, 3, H, W)
+        single = predict_probs(self.model, x, (1.0,), False, params.amp).argmax(1).cpu().numpy()  # (B, H, W)
+        probs = predict_probs(self.model, x, params.scales, params.flip, params.amp).cpu().numpy()  # (B, K, H, W)
+        multi = probs.argmax(1)  # (B, H, W)
+        crf_args = params.crf.model_dump()
+        for row, image_id in enumerate(group):
+            gt = data.load_mask(image_id)
+            self.confusions.add("single_scale", single[row], gt)
+            self.confusions.add("multi_scale", multi[row], gt)
+            iou = image_miou(multi[row], gt, data.num_classes)
+            self.picks.add(iou, (image_id, images[row], single[row], multi[row]), self.order[image_id])
+            if params.use_crf:
+                self.add_crf(crf.submit((image_id, images[row], probs[row], crf_args, params.crf_min_prob)))
+
+    def add_crf(self, results: list[tuple[str, np.ndarray]]) -> None:
+        """Score finished CRF labels ``(image id, (H, W) labels)``."""
         for image_id, label in results:
-            confusions.add("crf", label, data.load_mask(image_id))
-            if image_id in shown:
-                crf_shown[image_id] = label
-
-    bar = tqdm(total=len(ids), desc=f"evaluate {params.split}", unit="img", disable=None, mininterval=2)
-    workers = resolve_workers(params.crf_workers) if params.use_crf else 0
-    # at most 2 images per CRF worker in flight (one worker: the CRF runs here, image by image)
-    with OrderedPool(_crf_job, workers if workers > 1 else 0, in_flight=2) as crf:
-        for group, images in same_size_batches(ids, data.load_image, params.batch_size):
-            x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
-            single = predict_probs(model, x, (1.0,), False, params.amp).argmax(1).cpu().numpy()  # (B, H, W)
-            probs = predict_probs(model, x, params.scales, params.flip, params.amp).cpu().numpy()  # (B, K, H, W)
-            multi = probs.argmax(1)  # (B, H, W)
-            for row, image_id in enumerate(group):
-                gt = data.load_mask(image_id)
-                confusions.add("single_scale", single[row], gt)
-                confusions.add("multi_scale", multi[row], gt)
-                iou = image_miou(multi[row], gt, data.num_classes)
-                picks.add(iou, (image_id, images[row], single[row], multi[row]))
-                if params.use_crf:
-                    add_crf(crf.submit((image_id, images[row], probs[row], crf_args, params.crf_min_prob)))
-            bar.update(len(group))
-        add_crf(crf.drain())
-    bar.close()
-
-    pictures = _val_galleries(picks, crf_shown, data)
-    if ladder is not None:
-        pictures |= ladder_galleries(model, meta, data, ladder, params)
-    metrics = confusions.summary(names)
-    _write_results(live, confusions, metrics, names, Path(results_dir), pictures)
-    return metrics
+            self.confusions.add("crf", label, self.data.load_mask(image_id))
+            if image_id in self.shown:
+                self.crf_shown[image_id] = label
 
 
 def _val_galleries(picks: Picks, crf_shown: dict[str, np.ndarray], data: PreparedDataset) -> dict[str, np.ndarray]:

@@ -114,6 +114,15 @@ class SeedEvaluator:
         self.sweep_confusions += hist[::-1].cumsum(0)[::-1][1:]  # (T, n, n): still foreground at t_i
         self.sweep_confusions[:, :, 0] += hist.cumsum(0)[:-1].sum(2)  # (T, n): background at t_i, by gt row
 
+    @classmethod
+    def merged(cls, parts: list[SeedEvaluator]) -> SeedEvaluator:
+        """One evaluator holding the summed counts of ``parts`` (e.g. those of a sharded run's processes)."""
+        total = cls(parts[0].num_classes, parts[0].thresholds)
+        for part in parts:
+            total.argmax_confusion += part.argmax_confusion
+            total.sweep_confusions += part.sweep_confusions
+        return total
+
     def summary(self) -> dict[str, object]:
         """Return mIoU, per-class IoU and the confusion matrix for both protocols, and the sweep's best threshold."""
         sweep = np.array([mean_iou(c) for c in self.sweep_confusions])

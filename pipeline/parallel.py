@@ -14,11 +14,14 @@ from typing import Any
 
 
 def resolve_workers(workers: int) -> int:
-    """``0`` means one worker per CPU core this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    """``0`` means one worker per CPU core this process may run on (its affinity mask, else ``os.cpu_count()``).
+
+    Under ``torchrun`` the node's cores are shared: ``0`` gives each of its ``LOCAL_WORLD_SIZE`` processes its share.
+    """
     if workers > 0:
         return workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores or 1)
+    return max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def die_with_parent(parent: int) -> None:

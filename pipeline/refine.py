@@ -7,6 +7,7 @@ thresholded seeds they come from, and a gallery.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from pipeline.config import ParParams, RefineParams
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
-from pipeline.io import save_label_png
+from pipeline.io import CamStore, save_label_png
 from pipeline.live import open_live
 from pipeline.metrics import confusion_matrix, image_miou, iou_report
 from pipeline.models.affinitynet import AffinityModel, load_affinity_model
@@ -49,6 +50,7 @@ from pipeline.refinement.wegformer import (
     oracle_saliency,
     soft_erase,
 )
+from pipeline.shard import sharded
 from pipeline.viz import Picks, Row, caption, label_gallery_row, pick_galleries
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,18 @@ class _Scores:
         self.pixels += pseudo.size
         self.images += 1
 
+    @classmethod
+    def merged(cls, parts: list[_Scores]) -> _Scores:
+        """The summed counts of ``parts`` (those of a sharded run's processes)."""
+        total = cls(parts[0].num_classes)
+        for part in parts:
+            total.pseudo += part.pseudo
+            total.seed += part.seed
+            total.ignored += part.ignored
+            total.pixels += part.pixels
+            total.images += part.images
+        return total
+
     def metrics(self, names: list[str]) -> dict[str, float]:
         if self.images == 0:
             return {}
@@ -237,10 +251,63 @@ class _Scores:
         return out
 
 
+class _Scoring:
+    """Pseudo labels scored against the ground truth (with the seeds they come from) and offered to the gallery.
+
+    Args:
+        data: The prepared dataset.
+        store: The CAM store.
+        seed_map: The stored map the seeds come from.
+        params: The ``refine`` section.
+        scored: The ids to score (``None``: all with ground truth).
+    """
+
+    def __init__(
+        self, data: PreparedDataset, store: CamStore, seed_map: str, params: RefineParams, scored: set[str] | None
+    ) -> None:
+        self.data, self.store, self.seed_map, self.params, self.scored = data, store, seed_map, params, scored
+        self.scores = _Scores(data.num_classes)
+        self.picks = Picks(params.gallery_size)
+
+    def __call__(self, entry: tuple[int, str], label: np.ndarray) -> tuple[str, np.ndarray]:
+        """Score one ``(place in the image list, image id)``'s (H, W) label; returns ``(image id, label)``."""
+        order, image_id = entry
+        if (self.scored is None or image_id in self.scored) and self.data.mask_path(image_id).is_file():
+            maps = self.store.load(image_id)
+            seed = threshold_labels(maps[self.seed_map], maps["keys"], self.params.bg_threshold)
+            gt = self.data.load_mask(image_id)
+            self.scores.add(label, seed, gt)
+            self.picks.add(image_miou(label, gt, self.data.num_classes), (image_id, seed, label, gt), order)
+        return image_id, label
+
+
+def _jobs(
+    data: PreparedDataset, store: CamStore, ids: list[str], seed_map: str, saliency_from: str | None,
+    saliency_dir: Path | None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:  # fmt: skip
+    """``(image, (K, H, W) seed maps, (K,) keys, saliency or None)`` of each image, for :func:`pseudo_labels`.
+
+    ``saliency_from`` is ``refine.wegformer.saliency``; ``saliency_dir`` its checked folder (``None`` for none
+    or the oracle).
+    """
+    for image_id in ids:
+        entry = store.load(image_id)
+        image = data.load_image(image_id)
+        saliency = None
+        if saliency_from == ORACLE:
+            saliency = oracle_saliency(data, image_id)
+        elif saliency_dir is not None:
+            saliency = load_saliency(saliency_dir, image_id, image.shape[:2])
+        yield image, entry[seed_map].astype(np.float32), entry["keys"].astype(np.int64), saliency
+
+
 def refine_pseudo_labels(
     params: RefineParams, data_dir: Path, cams_dir: Path, aff_dir: Path, out_dir: Path, results_dir: Path
 ) -> dict[str, float]:
     """Write ``<out_dir>/<image_id>.png`` for every image of the CAM store, plus metrics and a gallery.
+
+    Under ``torchrun`` the images are shared out by rank and merged on rank 0 (:mod:`pipeline.shard`): the
+    outputs are those of one process.
 
     Args:
         params: The ``refine`` section.
@@ -251,7 +318,8 @@ def refine_pseudo_labels(
         results_dir: dvclive directory (``metrics.json``, gallery).
 
     Returns:
-        The metrics (pseudo-label and seed mIoU on the images with ground truth, ignored fraction, ...).
+        The metrics (pseudo-label and seed mIoU on the images with ground truth, ignored fraction, ...) on rank 0;
+        ``{}`` on the other ranks.
 
     Raises:
         DatasetError: If an input (a saliency map too) is missing or the seed map is not in the store.
@@ -266,51 +334,44 @@ def refine_pseudo_labels(
     model_dir = aff_dir if params.method in PSA_METHODS else None
     if model_dir is not None:
         load_affinity_model(model_dir)  # fail early, in this process, with a clear message
-    workers = resolve_workers(params.workers)
-    log.info("refine: method=%s, seed map=%s, %d images, %d worker(s)", params.method, seed_map, len(ids), workers)
-
-    saliency_from = params.wegformer.saliency
-    saliency_dir = check_saliency_dir(saliency_from) if saliency_from not in (None, ORACLE) else None
-
-    def jobs():
-        for image_id in ids:
-            entry = store.load(image_id)
-            image = data.load_image(image_id)
-            saliency = None
-            if saliency_from == ORACLE:
-                saliency = oracle_saliency(data, image_id)
-            elif saliency_dir is not None:
-                saliency = load_saliency(saliency_dir, image_id, image.shape[:2])
-            yield image, entry[seed_map].astype(np.float32), entry["keys"].astype(np.int64), saliency
-
-    live = open_live(results_dir)
-    live.log_params({"seed_map": seed_map, "workers": workers})
-    scores = _Scores(data.num_classes)
-    picks = Picks(params.gallery_size)
-    started = time.perf_counter()
-    scored = set(data.split(params.score_split)) & set(ids) if params.score_split else None
-    if scored is not None and not scored:
-        raise DatasetError(f"refine.score_split = {params.score_split} shares no image with the CAM store {cams_dir}")
-    bar = tqdm(total=len(ids), desc=f"refine ({params.method})", unit="img", disable=None, mininterval=2)
-    labels = zip(ids, pseudo_labels(jobs(), params, model_dir, workers), strict=True)
-    with replaced_dir(out_dir) as staging:
-        for image_id, label in labels:
-            save_label_png(staging / f"{image_id}.png", label, data.palette)
-            if (scored is None or image_id in scored) and data.mask_path(image_id).is_file():
-                entry = store.load(image_id)
-                seed = threshold_labels(entry[seed_map], entry["keys"], params.bg_threshold)
-                gt = data.load_mask(image_id)
-                scores.add(label, seed, gt)
-                picks.add(image_miou(label, gt, data.num_classes), (image_id, seed, label, gt))
-            bar.update()
-    bar.close()
-    log.info("refine: %d pseudo labels in %.1f s", len(ids), time.perf_counter() - started)
-    _log_galleries(live, picks, data, params.method)
-    metrics = scores.metrics(data.class_names) | {"images_without_labels": sum(not data.labels.get(i) for i in ids)}
-    for name, value in metrics.items():
-        live.log_metric(name, value if isinstance(value, int) else round(float(value), 5), plot=False)
-    live.end()
-    return metrics
+    with sharded("cpu") as (_, shard):
+        work = {"ids": ids, "params": params.model_dump(mode="json")}
+        shard.agree("refine", f"{len(ids)} images in {cams_dir}", work)
+        workers = resolve_workers(params.workers)
+        log.info("refine: method=%s, seed map=%s, %d images, %d worker(s)", params.method, seed_map, len(ids), workers)
+        saliency_from = params.wegformer.saliency
+        saliency_dir = check_saliency_dir(saliency_from) if saliency_from not in (None, ORACLE) else None
+        scored = set(data.split(params.score_split)) & set(ids) if params.score_split else None
+        if scored is not None and not scored:
+            raise DatasetError(
+                f"refine.score_split = {params.score_split} shares no image with the CAM store {cams_dir}"
+            )
+        live = open_live(results_dir) if shard.is_main else None
+        if live is not None:
+            live.log_params({"seed_map": seed_map, "workers": workers})
+        started = time.perf_counter()
+        mine = shard.mine(list(enumerate(ids)))
+        jobs = _jobs(data, store, [image_id for _, image_id in mine], seed_map, saliency_from, saliency_dir)
+        scoring = _Scoring(data, store, seed_map, params, scored)
+        labelled = map(scoring, mine, pseudo_labels(jobs, params, model_dir, workers))
+        quiet = None if shard.is_main else True  # rank 0 shows every rank's progress
+        bar = tqdm(total=len(ids), desc=f"refine ({params.method})", unit="img", disable=quiet, mininterval=2)
+        with replaced_dir(out_dir) if shard.is_main else contextlib.nullcontext() as staging:
+            for image_id, label in shard.merged(labelled, len(ids), chunk=16):  # rank 0: every label
+                save_label_png(staging / f"{image_id}.png", label, data.palette)
+                bar.update()
+        bar.close()
+        log.info("refine: %d pseudo labels in %.1f s", len(ids), time.perf_counter() - started)
+        parts = shard.gather((scoring.scores, scoring.picks))
+        if live is None:
+            return {}
+        _log_galleries(live, Picks.merged([picks for _, picks in parts]), data, params.method)
+        metrics = _Scores.merged([scores for scores, _ in parts]).metrics(data.class_names)
+        metrics |= {"images_without_labels": sum(not data.labels.get(i) for i in ids)}
+        for name, value in metrics.items():
+            live.log_metric(name, value if isinstance(value, int) else round(float(value), 5), plot=False)
+        live.end()
+        return metrics
 
 
 def _log_galleries(live: Live, picks: Picks, data: PreparedDataset, method: str) -> None:

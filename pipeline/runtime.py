@@ -61,6 +61,21 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def distributed_device(name: str) -> tuple[torch.device, Dist]:
+    """Resolve ``name`` to a device and join the process group under ``torchrun`` (alone otherwise).
+
+    Under ``torchrun`` on CUDA, each process takes the GPU of its ``LOCAL_RANK``.
+
+    Raises:
+        TrainingError: If CUDA is requested but not available.
+    """
+    device = resolve_device(name)
+    ddp = init_distributed(device)
+    if ddp.world_size > 1 and device.type == "cuda":
+        device = resolve_device(name, ddp.local_rank)
+    return device, ddp
+
+
 def set_threads(threads: int) -> None:
     """Set torch's intra-op threads (0 leaves torch's default)."""
     if threads > 0:

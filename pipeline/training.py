@@ -179,10 +179,7 @@ def setup(name: str, device: str, threads: int, seed: int, batch_size: int, min_
     Raises:
         TrainingError: If CUDA is missing or the batch does not split.
     """
-    resolved = runtime.resolve_device(device)
-    dist = runtime.init_distributed(resolved)
-    if dist.world_size > 1 and resolved.type == "cuda":
-        resolved = runtime.resolve_device(device, dist.local_rank)
+    resolved, dist = runtime.distributed_device(device)
     if batch_size % dist.world_size or batch_size // dist.world_size < min_per_rank:
         why = " (batch norm needs 2)" if min_per_rank > 1 else ""
         raise TrainingError(

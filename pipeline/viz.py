@@ -119,16 +119,20 @@ class Worst:
         self._heap: list[tuple[float, int, object]] = []  # (-score, -arrival, item): the root is the one to drop
         self._seen = 0
 
-    def add(self, score: float, item: object) -> None:
-        """Offer one item."""
-        heapq.heappush(self._heap, (-score, -self._seen, item))
+    def add(self, score: float, item: object, order: int | None = None) -> None:
+        """Offer one item; ``order`` (default: the number offered before) ranks it among equal scores."""
+        heapq.heappush(self._heap, (-score, -(self._seen if order is None else order), item))
         self._seen += 1
         if len(self._heap) > self.k:
             heapq.heappop(self._heap)
 
+    def entries(self) -> list[tuple[float, int, object]]:
+        """``(score, order, item)`` of the items kept, from the lowest score up (ties in order)."""
+        return sorted(((-s, -a, item) for s, a, item in self._heap), key=lambda e: (e[0], e[1]))
+
     def items(self) -> list[tuple[float, object]]:
         """``(score, item)`` from the lowest score up (ties in arrival order)."""
-        return [(-s, item) for s, _, item in sorted(self._heap, key=lambda e: (-e[0], -e[1]))]
+        return [(score, item) for score, _, item in self.entries()]
 
 
 def fit_tile(panel: Panel, tile: int) -> Image.Image:
@@ -253,20 +257,43 @@ def confusion_image(confusion: np.ndarray, names: list[str], cell: int = 40) -> 
 class Picks:
     """What a stage draws: its first ``size`` images and the ``size`` with the lowest IoU (the failure cases).
 
-    Items are whatever the caller needs to draw a row later; only ``2 * size`` of them are held at a time.
+    Items are whatever the caller needs to draw a row later; only ``2 * size`` of them are held at a time. A
+    sharded stage gives each image its place in the one-process order and merges the ranks' picks
+    (:meth:`merged`) into those one process would have made.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.first: list[tuple[float, object]] = []
+        self._first: list[tuple[int, float, object]] = []  # (order, iou, item)
         self.worst = Worst(size)
+        self._seen = 0
 
-    def add(self, iou: float, item: object) -> None:
-        """Offer one image's IoU (NaN: not scored, never a failure case) and its drawing inputs."""
-        if len(self.first) < self.size:
-            self.first.append((iou, item))
+    @property
+    def first(self) -> list[tuple[float, object]]:
+        """``(iou, item)`` of the first images, in order."""
+        return [(iou, item) for _, iou, item in self._first]
+
+    def add(self, iou: float, item: object, order: int | None = None) -> None:
+        """Offer one image's IoU (NaN: not scored, never a failure case) and its drawing inputs.
+
+        Images come in increasing ``order``: their place in the stage's image list (default: the number offered
+        before).
+        """
+        order = self._seen if order is None else order
+        self._seen += 1
+        if len(self._first) < self.size:
+            self._first.append((order, iou, item))
         if not np.isnan(iou):
-            self.worst.add(iou, item)
+            self.worst.add(iou, item, order)
+
+    @classmethod
+    def merged(cls, parts: list[Picks]) -> Picks:
+        """The picks of a whole run from those of its shards (each offered its images with their ``order``)."""
+        total = cls(parts[0].size)
+        total._first = sorted((e for part in parts for e in part._first), key=lambda e: e[0])[: total.size]
+        for score, order, item in (e for part in parts for e in part.worst.entries()):
+            total.worst.add(score, item, order)
+        return total
 
 
 def pick_galleries(

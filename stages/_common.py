@@ -2,7 +2,8 @@
 
 User errors (:class:`pipeline.errors.UserError`) exit with 2, OS errors (disk full, read-only file system,
 permissions, ...) with 1 and a hint, anything else with 1 and a pointer to ``--debug``. ``wsss --debug <command>``
-or ``WSSS_DEBUG=1`` prints the full traceback instead of the one line (for bug reports).
+or ``WSSS_DEBUG=1`` prints the full traceback instead of the one line (for bug reports). ``WSSS_NPROC_PER_NODE=N``
+runs the commands that can run under ``torchrun`` in N processes (:func:`relaunch_under_torchrun`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +22,14 @@ import click
 import typer
 
 from pipeline.config import StageParams, load_sections
-from pipeline.errors import UserError, one_line
+from pipeline.errors import ConfigError, UserError, one_line
 from pipeline.outputs import claimed
 
 EXIT_ENVIRONMENT = 1
 EXIT_USAGE = 2
 DEBUG_ENV = "WSSS_DEBUG"
+NPROC_ENV = "WSSS_NPROC_PER_NODE"
+DISTRIBUTED = ("train_cls", "cams", "train_aff", "refine", "train_seg", "evaluate")  # commands that run under torchrun
 _debug = {"on": False}
 
 ParamsOption = Annotated[
@@ -43,6 +47,31 @@ OS_HINTS = {
     errno.EISDIR: "the path is a folder where a file is expected: check the path",
     errno.EMFILE: "too many open files: raise the limit (ulimit -n) or lower the number of workers",
 }
+
+
+def relaunch_under_torchrun(argv: list[str]) -> None:
+    """Under ``WSSS_NPROC_PER_NODE=N`` (N > 1), replace this process by ``torchrun`` running ``wsss <argv>`` N times.
+
+    Only for the commands that run under ``torchrun`` (:data:`DISTRIBUTED`), and not in a process that ``torchrun``
+    started (``WORLD_SIZE`` set) or for ``--help``: so ``dvc repro`` uses N processes per stage without a change to
+    ``dvc.yaml`` or the params. One node (``--standalone``); several nodes: run ``torchrun`` yourself.
+
+    Args:
+        argv: The command line after the program name (``cams --params p.yaml``, ``--debug refine``).
+
+    Raises:
+        typer.Exit: Code 2 with one line if the variable is not a whole number >= 1.
+    """
+    value = os.environ.get(NPROC_ENV, "").strip()
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if not value or command not in DISTRIBUTED or "WORLD_SIZE" in os.environ or "--help" in argv:
+        return
+    if not value.isdigit() or int(value) < 1:
+        with user_errors():
+            raise ConfigError(f"{NPROC_ENV}={value!r}: expected the number of processes per node (1 or more)")
+    if int(value) > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(value)}"]
+        os.execv(sys.executable, [*launcher, "-m", "stages.cli", *argv])
 
 
 def set_debug(on: bool) -> None:

@@ -24,7 +24,8 @@ def main(
 
     with stage_params(params, SECTIONS, outputs=(out, results)) as p:
         metrics = generate_cams(p.cams, data, model_dir, out, results)
-        typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if metrics:  # rank 0 of a torchrun launch reports for all
+            typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -19,9 +20,18 @@ from stages import (
     train_cls,
     train_seg,
 )
-from stages._common import DEBUG_ENV, set_debug
+from stages._common import DEBUG_ENV, relaunch_under_torchrun, set_debug
 
-app = typer.Typer(
+
+class _Wsss(typer.Typer):
+    """The ``wsss`` command; started as a program (not by a test's runner), it first honours WSSS_NPROC_PER_NODE."""
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        relaunch_under_torchrun(sys.argv[1:])
+        return super().__call__(*args, **kwargs)
+
+
+app = _Wsss(
     help="Weakly supervised semantic segmentation: image-level labels -> seeds -> segmentation model.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,

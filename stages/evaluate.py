@@ -33,7 +33,8 @@ def main(
             raise ConfigError("--cams and --pseudo-labels go together: the ladder gallery reads both")
         ladder = None if cams is None else LadderInputs(cams, pseudo_labels, p.refine)
         metrics = evaluate_segmenter(p.evaluate, data, model_dir, results, ladder)
-        typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("/miou")))
+        if metrics:  # rank 0 of a torchrun launch reports for all
+            typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("/miou")))
 
 
 if __name__ == "__main__":

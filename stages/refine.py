@@ -27,7 +27,8 @@ def main(
 
     with stage_params(params, SECTIONS, outputs=(out, results)) as p:
         metrics = refine_pseudo_labels(p.refine, data, cams, aff_dir, out, results)
-        typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/iou/" not in k))
+        if metrics:  # rank 0 of a torchrun launch reports for all
+            typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/iou/" not in k))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ pure function of (seed, epoch, index): a resumed run sees exactly the crops an u
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -18,6 +18,7 @@ from tqdm import tqdm
 from pipeline.data.layout import PreparedDataset
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+T = TypeVar("T")
 
 
 def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -181,14 +182,33 @@ def same_size_batches(
     Yields:
         ``(ids, images)`` of one group.
     """
-    group: list[str] = []
-    images: list[np.ndarray] = []
-    for image_id in ids:
-        image = load(image_id)
-        if images and (image.shape != images[0].shape or len(group) == batch_size):
-            yield group, images
-            group, images = [], []
-        group.append(image_id)
-        images.append(image)
+    loaded = ((image_id, load(image_id)) for image_id in ids)
+    for group in consecutive_groups(loaded, lambda pair: pair[1].shape, batch_size):
+        yield [image_id for image_id, _ in group], [image for _, image in group]
+
+
+def size_batches(ids: list[str], size: Callable[[str], tuple[int, int]], batch_size: int) -> list[list[str]]:
+    """The id groups of :func:`same_size_batches`, from image sizes alone (e.g. read from file headers).
+
+    Args:
+        ids: Image ids in order.
+        size: Returns the ``(H, W)`` of an id.
+        batch_size: Largest group.
+    """
+    return list(consecutive_groups(ids, size, batch_size))
+
+
+def consecutive_groups(items: Iterable[T], key: Callable[[T], object], size: int) -> Iterator[list[T]]:
+    """Runs of consecutive items with equal ``key``, cut into groups of at most ``size``."""
+    group: list[T] = []
+    group_key: object = None
+    for item in items:
+        item_key = key(item)
+        if group and (item_key != group_key or len(group) == size):
+            yield group
+            group = []
+        if not group:
+            group_key = item_key
+        group.append(item)
     if group:
-        yield group, images
+        yield group

@@ -263,6 +263,15 @@ class PreparedDataset:
         """
         return read_rgb(self.image_path(image_id))
 
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        """``(H, W)`` of an image, from its file's header (nothing decoded): the shape :meth:`load_image` returns.
+
+        Raises:
+            DatasetError: If the file is missing or not a readable image.
+        """
+        with open_image(self.image_path(image_id)) as image:
+            return image.height, image.width
+
     def load_mask(self, image_id: str) -> np.ndarray:
         """Load a ground-truth mask as (H, W) uint8 class ids (255 = ignore).
 

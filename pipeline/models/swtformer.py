@@ -336,7 +336,6 @@ def build_model(
     return SWTformer(trunk, num_classes, **heads)
 
 
-@torch.no_grad()
 def evaluate_classifier(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, amp: bool
 ) -> dict[str, float]:
@@ -344,6 +343,17 @@ def evaluate_classifier(
 
     ``model`` is an :class:`SWTformer` or a :class:`pipeline.models.deit.DeiTClassifier` (anything with
     ``classify``: GAP of the CAM head for SWTformer, the class token for DeiT).
+    """
+    return classification_map(*classifier_scores(model, batches, device, amp))
+
+
+@torch.no_grad()
+def classifier_scores(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, amp: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier's (N, C) sigmoid scores and the (N, C) image-level labels of batches of ``ClassificationEvalSet``.
+
+    The model is run in eval mode (and left in the mode it was in).
     """
     was_training = model.training
     model.eval()
@@ -354,7 +364,7 @@ def evaluate_classifier(
         scores.append(torch.sigmoid(logits.float()).cpu().numpy())
         targets.append(batch["labels"].numpy())
     model.train(was_training)
-    return classification_map(np.concatenate(scores), np.concatenate(targets))
+    return np.concatenate(scores), np.concatenate(targets)
 
 
 def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
