@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from pipeline.aream import (
     reliable_labels,
     window_walk,
 )
+from pipeline.aream_evidence import attention_evidence
 from pipeline.config import parse_params
 from pipeline.errors import ConfigError
 from pipeline.io import CamStore
@@ -326,3 +329,28 @@ def test_swin_aream_from_train_cls_to_the_aream_map(tmp_path):
     entry = store.load(store.ids[0])
     assert set(entry) == {"keys", "cam", "aream"} and entry["aream"].shape == entry["cam"].shape
     assert choose_seed_map(list(entry), "auto") == "aream", "V1 has no R-CAM"
+
+
+@pytest.mark.parametrize("arch", ["deit", "swtformer"])
+def test_attention_evidence_per_block(arch):
+    model = (tiny_deit() if arch == "deit" else tiny_swin_aream()).eval()
+    size = IMG if arch == "deit" else 32
+    labels = torch.tensor([[1.0, 0.0, 1.0]])
+    evidence = attention_evidence(model, torch.randn(1, 3, size, size), labels, stage=3, steps=2)
+    cam, blocks = evidence["cam"], evidence["reactivated"]
+    assert len(blocks) == 2 and evidence["entropy"].shape == (2,)
+    assert all(b.shape == cam.shape == evidence["fused"].shape for b in blocks)
+    assert (cam[:, 1] == 0).all() and (blocks[0][:, 1] == 0).all(), "absent classes stay zero"
+    n = cam.shape[-2] * cam.shape[-1]
+    assert ((evidence["entropy"] >= 0) & (evidence["entropy"] <= math.log2(n) + 1e-4)).all()
+
+
+def test_the_evidence_gallery_draws_a_trained_run(aream_run, tmp_path):
+    out = tmp_path / "evidence.png"
+    script = Path(__file__).resolve().parents[1] / "docs/render_aream_evidence.py"
+    args = ["--model-dir", aream_run / "models", "--data", aream_run / "prepared", "--images", "2", "--out", out]
+    result = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["images"]) == 2 and len(report["entropy_bits"]) == TINY_VIT["depth"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -220,6 +220,8 @@ def test_shipped_grids_name_metrics_the_committed_run_has(path):
         committed["metrics"][metrics.relative_to(REPO).as_posix()] = {"data": json.loads(metrics.read_text())}
     assert committed["metrics"], "the reference run's metrics are committed (results/*/metrics.json)"
     for metric in grid.metrics:
+        if metric.split("/")[1] in ("aream", "relevance"):  # maps only the variants' classifiers write
+            continue
         assert not math.isnan(metric_value(committed, metric)), f"{path.name}: no metric {metric}"
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for variant in grid.variants:
