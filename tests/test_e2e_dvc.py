@@ -238,3 +238,28 @@ def test_compare_runs_a_grid_of_variants_and_seeds(refine_ablation, tmp_path):
 
     again = project.run(*command, timeout=120)  # a grid resumes: nothing runs twice
     assert again.returncode == 0 and again.stdout.count("already run, kept") == 6, again.stdout + again.stderr
+
+
+def test_the_documented_wegformer_set_runs_end_to_end(project):
+    """docs/wegformer.md's `dvc exp run -S ...` set, read from the doc, runs every stage and is listed."""
+    assert project.repro.returncode == 0, project.repro.stdout + project.repro.stderr
+    project.ok("git", "checkout", "--", ".")  # earlier experiments left their params in the workspace
+    doc = (REPO / "docs/wegformer.md").read_text()
+    block = doc.split("### The WegFormer pipeline end to end", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    words = block.replace("\\\n", " ").split()
+    assert words[:5] == ["dvc", "exp", "run", "-n", "wegformer"], block
+    sets = [words[k + 1] for k, word in enumerate(words) if word == "-S"]
+    assert "model.arch=deit" in sets and "refine.wegformer.epom=true" in sets
+    overrides = [arg for value in sets for arg in ("-S", value)]
+    result = project.run(*_dvc("exp", "run", "-n", "wegformer-doc", *overrides), timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for stage in STAGES[1:]:
+        assert f"Running stage '{stage}'" in output, stage
+    _, runs = _experiments(json.loads(project.ok(*_dvc("exp", "show", "--json"))))
+    (run,) = [run for run in runs if run.get("name") == "wegformer-doc"]
+    params = run["data"]["params"]["params.yaml"]["data"]
+    assert params["model"]["arch"] == "deit" and params["refine"]["wegformer"]["soft_erase"] == 0.55
+    cams = run["data"]["metrics"]["results/cams/metrics.json"]["data"]
+    assert 0 <= cams["relevance"]["miou_best"] <= 1, "the relevance maps were made and scored"
+    assert 0 <= run["data"]["metrics"]["results/evaluate/metrics.json"]["data"]["single_scale"]["miou"] <= 1
