@@ -95,7 +95,7 @@ def require_committed() -> str:
     """
     changed = _git("status", "--porcelain", "--untracked-files=no")
     if changed:
-        first = changed.splitlines()[0][3:]
+        first = changed.splitlines()[0].split(maxsplit=1)[-1]  # "XY path" (the output is stripped)
         raise ConfigError(f"uncommitted changes ({first}, ...): a grid runs the committed project; commit them first")
     return commit_of("HEAD")
 
