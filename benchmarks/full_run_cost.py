@@ -362,9 +362,10 @@ def measure_refine(spec: DatasetSpec, params, repeats: int) -> dict[str, float]:
     """One pseudo label by ``refine.method`` (full-image AffinityNet + random walk + CRF) and its PNG."""
     import torch
 
+    from pipeline.config import PSA_METHODS
     from pipeline.data.layout import voc_palette
     from pipeline.models.affinitynet import AffinityModel, AffinityNet
-    from pipeline.refine import PSA_METHODS, pseudo_label
+    from pipeline.refine import pseudo_label
     from pipeline.refinement.affinity import radius_offsets
 
     cfg, classes = params.refine, _classes(spec)
@@ -562,6 +563,8 @@ def project(spec: DatasetSpec, params, m: dict[str, float], machine: Machine) ->
     Returns:
         One :class:`StageCost` per DVC stage, in DAG order.
     """
+    from pipeline.config import PSA_METHODS
+
     cores, gpu = machine.cores, machine.gpu_train_flops > 0
     floor = m["baseline_rss_bytes"]
     cls, cams, aff, seg, ev = params.train_cls, params.cams, params.train_aff, params.train_seg, params.evaluate
@@ -587,14 +590,18 @@ def project(spec: DatasetSpec, params, m: dict[str, float], machine: Machine) ->
     pending = cams.shard_size * m["shard_raw_bytes"]
     stages.append(StageCost("cams", seconds, n_cams * m["shard_bytes"], m["cams_rss_bytes"] + pending))
 
-    # train_aff: two CRFs per image in one process per core, then training on crops
+    # train_aff: two CRFs per image in one process per core, then training on crops; nothing unless refine's
+    # method reads the AffinityNet
     labels_s = n_cams * m["aff_labels_s"] / cores
     step = model_seconds(machine, m["aff_step_s"], m["aff_step_flops"], train=True)
     steps = aff.epochs * (n_cams // aff.batch_size)
     seconds = labels_s + steps * loader_bound(machine, step, aff.batch_size * m["aff_sample_s"], 0)  # no loaders
     held = n_cams * spec.size[0] * spec.size[1]  # every image's uint8 affinity labels stay in memory
     memory = max(m["train_aff_rss_bytes"], cores * (floor + 8 * spec.num_labels * spec.size[0] * spec.size[1]))
-    stages.append(StageCost("train_aff", seconds, 4 * m["aff_params"], memory + held))
+    if params.refine.method in PSA_METHODS:
+        stages.append(StageCost("train_aff", seconds, 4 * m["aff_params"], memory + held))
+    else:
+        stages.append(StageCost("train_aff", 0.0, 0.0, floor))
 
     # refine: one image per worker process (AffinityNet on the CPU, walk, CRF), PNGs written by the main process
     seconds = max(n_cams * m["refine_s"] / cores, n_cams * m["png_write_s"])

@@ -6,9 +6,10 @@ R-CAM, all losses (CLS + GSC + CCL), backward, on the same batch and the same we
 
 ``--arch deit`` times the DeiT classifier instead (``model.vit``): (a) the ViT's forward + backward alone and
 (b) its training step (class-token + patch-token soft margin); ``--arch both`` also times a V2 step and prints
-the DeiT step relative to it. ``--aream`` (with ``deit`` or ``both``) also times (c) the DeiT step with AReAM's
-affinity loss on (``loss.aream`` of the params file, as after the warm-up: explicit attention in every block,
-the shallow re-activation, PAR's reliable labels, the deep blocks' loss) and prints (c) / (b) (target <= 1.5).
+the DeiT step relative to it. ``--aream`` also times (c) each model's step with AReAM's affinity loss on
+(``loss.aream`` of the params file, as after the warm-up: explicit attention in every block (DeiT) or in the
+Swin stage ``loss.aream.stage`` (SWTformer), the shallow re-activation, PAR's reliable labels, the deep blocks'
+loss) and prints (c) / (b) (target <= 1.5).
 
 Usage: python benchmarks/train_step.py [--params params.yaml] [--batch 16] [--repeats 10] [--arch swtformer]
     [--aream]
@@ -36,44 +37,46 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--classes", type=int, default=6)
     parser.add_argument("--arch", choices=("swtformer", "deit", "both"), default="swtformer")
-    parser.add_argument("--aream", action="store_true", help="also time the DeiT step with AReAM on")
+    parser.add_argument("--aream", action="store_true", help="also time the step with AReAM on")
     return parser.parse_args()
 
 
 def _steps(arch: str, params, args, images, labels, mask) -> tuple:
-    """(model, {kind: step}) for one architecture, built from seed 0: the bare trunk, the training step, and for
-    DeiT with ``--aream`` the step with AReAM on."""
+    """(model, {kind: step}) for one architecture, built from seed 0: the bare trunk, the training step, and with
+    ``--aream`` the step with AReAM on (DeiT: every block; SWTformer: the window attention of ``loss.aream.stage``)."""
     torch.manual_seed(0)
     update = {"version": "v2"} if arch == "swtformer" else {"arch": "deit"}
     model = build_model(args.classes, images.shape[-1], **params.model.model_copy(update=update).model_dump())
     model.train()
+    cfg, par, valid = params.loss.aream.model_dump(), PAR(), mask[:, :1]
     if arch == "deit":
 
         def trunk() -> None:
             out = model.encode(images)
             (out["tokens"].float().mean() + out["prefix"].float().mean()).backward()
 
-        def step() -> None:
-            deit_loss(model(images, mask), labels)["total"].backward()
+        def loss(out: dict) -> torch.Tensor:
+            return deit_loss(out, labels)["total"]
 
-        par, cfg, valid = PAR(), params.loss.aream.model_dump(), mask[:, :1]
-
-        def aream_step() -> None:
-            out = model(images, mask, attention=True)
-            aff = aream_terms(par, out, images, labels, valid, cfg)["aff"]
-            (deit_loss(out, labels)["total"] + cfg["weight"] * aff).backward()
-
-        return model, {"trunk": trunk, "step": step} | ({"aream": aream_step} if args.aream else {})
-
+        attention = {"attention": True}
     else:
 
         def trunk() -> None:
             sum(s.float().mean() for s in model.backbone(images)).backward()
 
-        def step() -> None:
-            swtformer_loss(model(images, mask), labels, mask, **params.loss.model_dump())["total"].backward()
+        def loss(out: dict) -> torch.Tensor:
+            return swtformer_loss(out, labels, mask, **params.loss.model_dump())["total"]
 
-    return model, {"trunk": trunk, "step": step}
+        attention = {"attention": True, "stage": cfg["stage"]}
+
+    def step() -> None:
+        loss(model(images, mask)).backward()
+
+    def aream_step() -> None:
+        out = model(images, mask, **attention)
+        (loss(out) + cfg["weight"] * aream_terms(par, out, images, labels, valid, cfg)["aff"]).backward()
+
+    return model, {"trunk": trunk, "step": step} | ({"aream": aream_step} if args.aream else {})
 
 
 def main() -> None:
@@ -114,8 +117,9 @@ def main() -> None:
             f"ratio: {med[arch, 'step'] / med[arch, 'trunk']:.3f}" + (" (target <= 1.3)" if arch == "swtformer" else "")
         )
         if (arch, "aream") in med:
-            print(f"{'DeiT step with AReAM:':34s} {med[arch, 'aream'] * 1e3:.1f} ms")
-            print(f"AReAM step / DeiT step: {med[arch, 'aream'] / med[arch, 'step']:.3f} (target <= 1.5)")
+            name = step_name.split(" (")[0]
+            print(f"{name + ' with AReAM:':34s} {med[arch, 'aream'] * 1e3:.1f} ms")
+            print(f"AReAM step / {name}: {med[arch, 'aream'] / med[arch, 'step']:.3f} (target <= 1.5)")
     if args.arch == "both":
         print(f"DeiT step / V2 step: {med['deit', 'step'] / med['swtformer', 'step']:.3f}")
 

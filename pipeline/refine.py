@@ -20,7 +20,7 @@ from dvclive import Live
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.config import ParParams, RefineParams
+from pipeline.config import PSA_METHODS, ParParams, RefineParams
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import CamStore, save_label_png
@@ -54,7 +54,6 @@ from pipeline.shard import sharded
 from pipeline.viz import Picks, Row, caption, label_gallery_row, pick_galleries
 
 log = logging.getLogger(__name__)
-PSA_METHODS = ("psa", "psa_crf")
 PAR_METHODS = ("par", "par_crf")
 
 

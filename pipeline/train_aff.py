@@ -4,6 +4,11 @@ The labels come from the CAM store (two CRFs per image, :func:`confident_labels`
 pool); ground truth is read only to report how good those labels are. Writes ``<model_dir>/model.safetensors``
 + ``meta.json`` (everything ``refine`` needs), dvclive curves in ``<results_dir>`` and, after every epoch, a
 resumable checkpoint (deleted when training completes), like ``train_cls``.
+
+Only ``refine.method`` ``psa`` and ``psa_crf`` read the AffinityNet: for any other method the stage trains nothing
+and writes ``meta.json`` saying so (:func:`skip_affinity_net`), so that a run of the default CRF pipeline does
+not spend its time on a model nobody reads. The stage depends on that one key (``refine.method`` in
+``dvc.yaml``), so switching to a PSA method re-runs it.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pipeline import runtime, training
-from pipeline.config import StageParams, TrainAffParams
+from pipeline.config import PSA_METHODS, StageParams, TrainAffParams
 from pipeline.data.datasets import normalize, paste_crop
 from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
-from pipeline.io import CamStore
+from pipeline.io import CamStore, write_json
 from pipeline.models.affinitynet import AffinityNet
-from pipeline.models.files import save_model_dir
+from pipeline.models.files import SKIPPED, save_model_dir
+from pipeline.outputs import replaced_dir
 from pipeline.parallel import map_ordered, resolve_workers
 from pipeline.refinement.affinity import (
     affinity_loss,
@@ -213,7 +219,8 @@ def train_affinity_net(
     """Derive affinity labels from the seeds and train the AffinityNet on them.
 
     Args:
-        params: Sections ``seed``, ``data``, ``train_aff``.
+        params: Sections ``seed``, ``data``, ``train_aff`` and the key ``refine.method`` (any method but ``psa``
+            and ``psa_crf``: nothing is trained, see :func:`skip_affinity_net`).
         data_dir: Prepared dataset.
         cams_dir: CAM store written by ``cams``.
         model_dir: Where ``model.safetensors`` + ``meta.json`` go.
@@ -221,12 +228,17 @@ def train_affinity_net(
         checkpoint: Resumable checkpoint path.
 
     Returns:
-        The final metrics (losses of the last epoch, label quality, ground-truth affinity check).
+        The final metrics (losses of the last epoch, label quality, ground-truth affinity check); ``{}`` when
+        nothing was trained.
 
     Raises:
         DatasetError: If the inputs are missing.
         TrainingError: On a non-finite loss or too few images for one batch.
     """
+    method = params.leaf("refine.method")
+    if method not in PSA_METHODS:
+        skip_affinity_net(method, model_dir, results_dir, checkpoint)
+        return {}
     cfg = params.train_aff
     data = PreparedDataset.open(data_dir)
     store = open_cam_store(cams_dir)
@@ -254,6 +266,22 @@ def train_affinity_net(
     digest = f"{params.digest()}-{_fingerprint(labels)}"  # the labels too: they come from the CAM store
     history = training.fit(task, training.Recipe.of(cfg, batch_size=batch_size), run, results_dir, checkpoint, digest)
     return {**quality, **(history[-1] if history else {})}
+
+
+def skip_affinity_net(method: str, model_dir: Path, results_dir: Path, checkpoint: Path) -> None:
+    """Write the outputs of a ``train_aff`` that trains nothing because ``refine.method`` does not read the model.
+
+    ``<model_dir>/meta.json`` holds only ``{"skipped": reason}`` (loading it fails with that reason), the results
+    hold empty metrics and no curves, and a checkpoint of an earlier interrupted run is removed.
+    """
+    reason = f"refine.method was {method!r} when train_aff ran; only {' and '.join(PSA_METHODS)} use the AffinityNet"
+    log.info("train_aff: nothing to train (%s)", reason)
+    with replaced_dir(model_dir) as staging:
+        write_json(staging / "meta.json", {SKIPPED: reason})
+    with replaced_dir(results_dir) as staging:
+        write_json(staging / "metrics.json", {})
+        (staging / "plots").mkdir()
+    checkpoint.unlink(missing_ok=True)
 
 
 def _loss_step(model: AffinityNet, device: torch.device, amp: bool, offsets: list[tuple[int, int]]) -> training.Step:

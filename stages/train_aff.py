@@ -9,7 +9,7 @@ import typer
 
 from stages._common import ParamsOption, stage_params
 
-SECTIONS = ("seed", "data", "train_aff")
+SECTIONS = ("seed", "data", "train_aff", "refine.method")
 
 
 def main(
@@ -22,12 +22,16 @@ def main(
         "checkpoints/train_aff.pt"
     ),
 ) -> None:
-    """Derive confident affinity labels from the seeds (two CRFs) and train the AffinityNet on them."""
+    """Derive confident affinity labels from the seeds (two CRFs) and train the AffinityNet on them.
+
+    Trains only when ``refine.method`` is ``psa`` or ``psa_crf`` (the methods that read the model); otherwise it
+    writes a ``meta.json`` that says so and returns at once.
+    """
     from pipeline.train_aff import train_affinity_net  # imported here: torch loads only when a stage runs
 
     with stage_params(params, SECTIONS, outputs=(model_dir, results, checkpoint)) as p:
         metrics = train_affinity_net(p, data, cams, model_dir, results, checkpoint)
-        typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        typer.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()) or "nothing to train for refine.method")
 
 
 if __name__ == "__main__":

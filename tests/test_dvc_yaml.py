@@ -18,7 +18,7 @@ from stages.cli import STAGES
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGE_NAMES = sorted(DVC["stages"])
 # attributes of StageParams that are not sections
-STAGE_PARAMS_API = {"digest", "sections"}
+STAGE_PARAMS_API = {"digest", "sections", "leaf"}
 
 
 def declared(name: str) -> set[str]:
@@ -41,8 +41,26 @@ def test_stage_sections_match_dvc_params(name):
 
 @pytest.mark.parametrize("name", STAGE_NAMES)
 def test_declared_sections_exist(name):
-    assert declared(name) <= set(config.SECTIONS)
+    sections = {entry for entry in declared(name) if "." not in entry}
+    assert sections <= set(config.SECTIONS)
     assert set(config.SECTIONS) == set(Params.model_fields)
+    StageParams(default_params(), tuple(declared(name)))  # every declared section.key exists
+
+
+def test_a_stage_may_declare_one_key_of_another_section():
+    params = StageParams(default_params(), ("seed", "refine.method"))
+    assert params.leaf("refine.method") == default_params().refine.method
+    with pytest.raises(AttributeError, match="did not declare params section 'refine'"):
+        _ = params.refine
+    with pytest.raises(AttributeError, match="did not declare the params key 'refine.crf'"):
+        params.leaf("refine.crf")
+    with pytest.raises(KeyError, match="unknown params key 'refine.no_such_key'"):
+        StageParams(default_params(), ("refine.no_such_key",))
+    base = default_params()
+    other = base.model_copy(update={"refine": base.refine.model_copy(update={"workers": 3})})
+    switched = base.model_copy(update={"refine": base.refine.model_copy(update={"method": "psa"})})
+    assert StageParams(other, params.sections).digest() == params.digest()  # the section's other keys don't count
+    assert StageParams(switched, params.sections).digest() != params.digest()
 
 
 @pytest.mark.parametrize("name", STAGE_NAMES)

@@ -76,12 +76,12 @@ def test_offsets_and_distances():
 
 def test_neighbour_index_clamps_like_replicate_padding():
     index = neighbour_index(3, 4, (1,))  # pixels numbered y * 4 + x
-    assert index.shape == (8, 12)
-    assert index[:, 0].tolist() == [0, 0, 1, 0, 1, 4, 4, 5]  # top-left corner: outside -> clamped
-    assert index[:, 5].tolist() == [0, 1, 2, 4, 6, 8, 9, 10]  # (1, 1): the full 3x3 ring
-    assert index[:, 11].tolist() == [6, 7, 7, 10, 11, 10, 11, 11]  # bottom-right corner
+    assert index.shape == (12, 8)  # pixel-major
+    assert index[0].tolist() == [0, 0, 1, 0, 1, 4, 4, 5]  # top-left corner: outside -> clamped
+    assert index[5].tolist() == [0, 1, 2, 4, 6, 8, 9, 10]  # (1, 1): the full 3x3 ring
+    assert index[11].tolist() == [6, 7, 7, 10, 11, 10, 11, 11]  # bottom-right corner
     # a dilation larger than the image clamps to the border rows / columns
-    assert neighbour_index(3, 4, (5,))[:, 5].tolist() == [0, 1, 3, 4, 7, 8, 9, 11]
+    assert neighbour_index(3, 4, (5,))[5].tolist() == [0, 1, 3, 4, 7, 8, 9, 11]
 
 
 def test_sparse_pattern_merges_repeated_neighbours():
@@ -89,7 +89,7 @@ def test_sparse_pattern_merges_repeated_neighbours():
     pattern = SparsePattern(index)
     assert pattern.crow[:2].tolist() == [0, 4]  # the corner has 4 distinct neighbours (0, 1, 4, 5) of 8
     assert pattern.col[:4].tolist() == [0, 1, 4, 5]
-    kernel = torch.ones(1, 8, 12)  # every neighbour weight 1: the corner's own column collects 3 of them
+    kernel = torch.ones(1, 12, 8)  # every neighbour weight 1: the corner's own column collects 3 of them
     dense = pattern.matrix(kernel).to_dense()
     assert dense[0, [0, 1, 4, 5]].tolist() == [3.0, 2.0, 2.0, 1.0]
     assert (dense.sum(1) == 8).all()
@@ -98,11 +98,11 @@ def test_sparse_pattern_merges_repeated_neighbours():
 def test_kernel_rows_sum_to_one_plus_w2_and_a_constant_image_is_uniform():
     index = neighbour_index(6, 7, DILATIONS)
     kernel = par_kernel(torch.rand(2, 3, 6, 7), index, DILATIONS)
-    assert kernel.shape == (2, 48, 42)
-    torch.testing.assert_close(kernel.sum(1), torch.full((2, 42), 1 + W2))
+    assert kernel.shape == (2, 42, 48)
+    torch.testing.assert_close(kernel.sum(2), torch.full((2, 42), 1 + W2))
     flat = par_kernel(torch.full((1, 3, 6, 7), 0.3), index, DILATIONS)  # std 0: every appearance logit is 0
     expected = 1 / 48 + W2 * position_weights(DILATIONS)  # (48,)
-    torch.testing.assert_close(flat[0], expected[:, None].expand(48, 42))
+    torch.testing.assert_close(flat[0], expected.expand(42, 48))
 
 
 def test_par_matches_the_brute_force_reference_batched():

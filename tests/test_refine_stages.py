@@ -17,6 +17,7 @@ from pipeline import checkpoint, train_aff
 from pipeline.config import StageParams, load_params
 from pipeline.io import load_label_png
 from stages.cli import app
+from stages.train_aff import SECTIONS as TRAIN_AFF_SECTIONS
 
 
 def invoke(*args):
@@ -143,6 +144,30 @@ def test_refine_psa_without_affinity_model_names_train_aff(tiny_run, tmp_path):
     assert "'train_aff'" in line and str(tmp_path / "missing") in line
 
 
+def test_train_aff_trains_nothing_for_a_method_without_affinity_net(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_params_dict()
+    raw["refine"]["method"] = "crf"
+    args = aff_args(tiny_run, write_params(tmp_path / "params.yaml", raw))
+    for option, name in (("--model-dir", "aff"), ("--results", "results"), ("--checkpoint", "aff.pt")):
+        args[args.index(option) + 1] = tmp_path / name
+    (tmp_path / "aff.pt").write_bytes(b"an interrupted run's checkpoint")
+    result = invoke("train_aff", *args)
+    assert result.exit_code == 0, result.output
+    assert "nothing to train" in result.output
+    meta = json.loads((tmp_path / "aff/meta.json").read_text())
+    assert meta == {"skipped": "refine.method was 'crf' when train_aff ran; only psa and psa_crf use the AffinityNet"}
+    assert sorted(p.name for p in (tmp_path / "aff").iterdir()) == ["meta.json"]
+    assert json.loads((tmp_path / "results/metrics.json").read_text()) == {}
+    assert (tmp_path / "results/plots").is_dir() and not (tmp_path / "aff.pt").exists()
+    # a PSA refine pointed at it says why there is no model, in one line
+    psa = write_params(tmp_path / "psa.yaml", tiny_params_dict())
+    refine = refine_args(tiny_run, psa, out="x")
+    refine[refine.index("--aff-dir") + 1] = tmp_path / "aff"
+    line = one_error_line(invoke("refine", *refine))
+    assert "affinity model not trained" in line and "refine.method was 'crf'" in line
+
+
 @pytest.mark.parametrize("stage", ["train_aff", "refine"])
 def test_missing_cams_name_the_cams_stage(tiny_run, tmp_path, stage):
     params = write_params(tmp_path / "params.yaml", tiny_params_dict())
@@ -163,7 +188,7 @@ def test_bad_refine_params_exit_2(tiny_run, tmp_path):
 def test_train_aff_resumes_to_the_same_weights(tiny_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params_path = write_params(tmp_path / "params.yaml", tiny_params_dict())
-    params = StageParams(load_params(params_path), ("seed", "data", "train_aff"))
+    params = StageParams(load_params(params_path), TRAIN_AFF_SECTIONS)
     inputs = (tiny_run / "prepared", tiny_run / "cams")
 
     def run(name: str):

@@ -14,6 +14,8 @@ from pipeline.outputs import replaced_dir
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
+SKIPPED = "skipped"
+"""The only key of the ``meta.json`` of a stage that trained nothing (its value says why)."""
 
 
 def save_model_dir(model_dir: Path | str, module: torch.nn.Module, meta: dict[str, Any]) -> None:
@@ -44,6 +46,13 @@ def read_model_dir(
     """
     model_dir = Path(model_dir)
     weights, meta_path = model_dir / WEIGHTS, model_dir / META
+    if meta_path.is_file() and not weights.is_file():
+        skipped = _skip_reason(meta_path)
+        if skipped:
+            raise ModelError(
+                f"{what} not trained: {meta_path} says {skipped} (`dvc repro` re-runs '{stage}' when the params "
+                f"need the model; by hand: `wsss {stage}` with those params)"
+            )
     for path in (meta_path, weights):
         if not path.is_file():
             raise ModelError(
@@ -61,6 +70,15 @@ def read_model_dir(
     if missing:
         raise ModelError(f"{meta_path} has no key '{missing[0]}' (edited, or written by another version? {again})")
     return weights, meta
+
+
+def _skip_reason(meta_path: Path) -> str | None:
+    """The reason in a ``{"skipped": reason}`` ``meta.json``, or None for any other content."""
+    try:
+        meta = read_json(meta_path)
+    except ValueError:
+        return None
+    return str(meta[SKIPPED]) if isinstance(meta, dict) and SKIPPED in meta else None
 
 
 def retrain_hint(stage: str) -> str:
