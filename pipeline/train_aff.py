@@ -44,6 +44,8 @@ from pipeline.refinement.affinity import (
 from pipeline.refinement.seeds import choose_seed_map, open_cam_store
 
 log = logging.getLogger(__name__)
+LOSS_TERMS = ("total", "bg", "fg", "neg")
+"""The terms of :func:`affinity_loss`, logged as ``train/loss_<term>`` (the curves ``dvc.yaml`` draws together)."""
 GT_EVAL_IMAGES = 64  # images used for the ground-truth affinity check after each epoch
 
 
@@ -271,8 +273,10 @@ def train_affinity_net(
 def skip_affinity_net(method: str, model_dir: Path, results_dir: Path, checkpoint: Path) -> None:
     """Write the outputs of a ``train_aff`` that trains nothing because ``refine.method`` does not read the model.
 
-    ``<model_dir>/meta.json`` holds only ``{"skipped": reason}`` (loading it fails with that reason), the results
-    hold empty metrics and no curves, and a checkpoint of an earlier interrupted run is removed.
+    ``<model_dir>/meta.json`` holds only ``{"skipped": reason}`` (loading it fails with that reason); the results
+    hold empty metrics and the loss curves with no step (header-only TSVs: ``dvc plots show`` draws them empty
+    instead of failing, and git keeps them, unlike empty folders); a checkpoint of an earlier interrupted run is
+    removed.
     """
     reason = f"refine.method was {method!r} when train_aff ran; only {' and '.join(PSA_METHODS)} use the AffinityNet"
     log.info("train_aff: nothing to train (%s)", reason)
@@ -280,7 +284,10 @@ def skip_affinity_net(method: str, model_dir: Path, results_dir: Path, checkpoin
         write_json(staging / "meta.json", {SKIPPED: reason})
     with replaced_dir(results_dir) as staging:
         write_json(staging / "metrics.json", {})
-        (staging / "plots").mkdir()
+        curves = staging / "plots" / "metrics" / "train"
+        curves.mkdir(parents=True)
+        for term in LOSS_TERMS:
+            (curves / f"loss_{term}.tsv").write_text(f"step\tloss_{term}\n")
     checkpoint.unlink(missing_ok=True)
 
 

@@ -52,6 +52,18 @@ def test_a_v1_run_shows_its_plots_without_error(tmp_path):
     assert "sweep_cam_json" in html and "sweep_rcam_json" not in html
 
 
+def test_a_run_that_trained_no_affinity_net_shows_its_plots_without_error(tmp_path):
+    from pipeline.train_aff import skip_affinity_net
+
+    (tmp_path / "project").mkdir()
+    root = build_project(tmp_path / "project")
+    skip_affinity_net("crf", tmp_path / "aff", root / "results/train_aff", tmp_path / "aff.pt")  # refine.method crf
+    shown = plots_show(root)
+    assert shown.returncode == 0 and not shown.stderr.strip(), shown.stderr
+    html = (root / "dvc_plots/index.html").read_text()
+    assert "Classification loss" in html and "Affinity loss" not in html, "no step, no curve"
+
+
 def test_every_curve_and_image_draws_offline(page, tmp_path):
     _need_browser()
     report = check_page(page)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_params_dict, write_params
+import yaml
+from conftest import REPO, tiny_params_dict, write_params
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -18,6 +19,8 @@ from pipeline.config import StageParams, load_params
 from pipeline.io import load_label_png
 from stages.cli import app
 from stages.train_aff import SECTIONS as TRAIN_AFF_SECTIONS
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
 def invoke(*args):
@@ -159,7 +162,15 @@ def test_train_aff_trains_nothing_for_a_method_without_affinity_net(tiny_run, tm
     assert meta == {"skipped": "refine.method was 'crf' when train_aff ran; only psa and psa_crf use the AffinityNet"}
     assert sorted(p.name for p in (tmp_path / "aff").iterdir()) == ["meta.json"]
     assert json.loads((tmp_path / "results/metrics.json").read_text()) == {}
-    assert (tmp_path / "results/plots").is_dir() and not (tmp_path / "aff.pt").exists()
+    curves = sorted(p.name for p in (tmp_path / "results/plots/metrics/train").iterdir())
+    assert curves == ["loss_bg.tsv", "loss_fg.tsv", "loss_neg.tsv", "loss_total.tsv"]
+    assert (tmp_path / "results/plots/metrics/train/loss_bg.tsv").read_text() == "step\tloss_bg\n", "no step"
+    assert not (tmp_path / "aff.pt").exists()
+    # the curves a trained run writes under those names, and the ones dvc.yaml draws together
+    logged = set(json.loads((tiny_run / "results/train_aff/metrics.json").read_text())["train"])
+    assert logged >= {f"loss_{term}" for term in train_aff.LOSS_TERMS}
+    drawn = next(p["Affinity loss"]["y"] for p in DVC["plots"] if isinstance(p, dict) and "Affinity loss" in p)
+    assert sorted(drawn) == sorted(f"results/train_aff/plots/metrics/train/loss_{t}.tsv" for t in train_aff.LOSS_TERMS)
     # a PSA refine pointed at it says why there is no model, in one line
     psa = write_params(tmp_path / "psa.yaml", tiny_params_dict())
     refine = refine_args(tiny_run, psa, out="x")
