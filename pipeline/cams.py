@@ -255,7 +255,7 @@ class _SeedPass:
         stored = []
         for row, image_id in enumerate(group):
             keys = np.array([0, *labels[row]], dtype=np.int64)
-            maps = _image_maps(out, row, keys)
+            maps = image_maps(out, row, keys)
             stored.append((image_id, keys, maps))
             order = self.order[image_id]
             score = self.scored is None or image_id in self.scored
@@ -312,7 +312,7 @@ def _evaluators(
     return {name: SeedEvaluator(num_classes, grid) for name in names}
 
 
-def _image_maps(out: dict[str, torch.Tensor], row: int, keys: np.ndarray) -> dict[str, np.ndarray]:
+def image_maps(out: dict[str, torch.Tensor], row: int, keys: np.ndarray) -> dict[str, np.ndarray]:
     """The stored maps of one image: ``cam``, ``aream``, ``relevance`` (K, H, W, background 1 - max) and ``rcam``.
 
     Args:

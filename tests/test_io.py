@@ -10,7 +10,9 @@ from pipeline.io import (
     CamStore,
     CamWriter,
     atomic_path,
+    dequantize_maps,
     load_label_png,
+    quantize_maps,
     read_json,
     save_image_png,
     save_label_png,
@@ -121,8 +123,30 @@ def test_cam_store_round_trip_across_shards(tmp_path):
         assert loaded["keys"].dtype.kind == "i"
         np.testing.assert_array_equal(loaded["keys"], keys)
         for name in ("cam", "rcam"):
-            assert loaded[name].dtype == np.float16
-            np.testing.assert_array_equal(loaded[name], maps[name].astype(np.float16))
+            assert loaded[name].dtype == np.float32
+            np.testing.assert_allclose(loaded[name], maps[name], rtol=0, atol=1 / 510 + 1e-6)  # 8 bits per [0, 1)
+    assert read_json(tmp_path / "cams/index.json")["format"] == "wsss-cams/2"
+
+
+def test_quantized_maps_hand_case():
+    maps = np.array([[[0.0, 0.6], [1.0, 0.25]], [[2.0, 2.0], [2.0, 2.0]], [[-1.0, 1.0], [0.5, 0.002]]])  # (3, 2, 2)
+    codes, bounds = quantize_maps(maps)
+    assert codes.dtype == np.uint8 and bounds.dtype == np.float32
+    assert codes[0].tolist() == [[0, 153], [255, 64]]  # 0.6 * 255 = 153, 0.25 * 255 = 63.75
+    assert codes[1].tolist() == [[0, 0], [0, 0]] and bounds[1].tolist() == [2.0, 2.0]  # constant: exact
+    assert codes[2].tolist() == [[0, 255], [191, 128]] and bounds[2].tolist() == [-1.0, 1.0]  # 1.5 / (2 / 255)
+    back = dequantize_maps(codes, bounds)
+    assert back[1].tolist() == [[2.0, 2.0], [2.0, 2.0]]
+    assert np.abs(back - maps).max() <= 2 / 510 + 1e-6  # half a step of the widest range
+
+
+def test_a_format_1_store_still_reads_as_float16(tmp_path):
+    (tmp_path / "cams").mkdir()
+    maps = np.random.default_rng(0).random((2, 3, 4)).astype(np.float16)
+    np.savez_compressed(tmp_path / "cams/shard-00000.npz", **{"a/keys": np.array([0, 1], np.int16), "a/cam": maps})
+    write_json(tmp_path / "cams/index.json", {"format": "wsss-cams/1", "images": {"a": "shard-00000.npz"}})
+    loaded = CamStore(tmp_path / "cams").load("a")
+    assert loaded["cam"].dtype == np.float16 and (loaded["cam"] == maps).all()
 
 
 def test_cam_writer_single_shard_when_small(tmp_path):
