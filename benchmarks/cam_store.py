@@ -154,9 +154,7 @@ def main() -> None:
                 seconds[encoding].append(time.perf_counter() - start)
         for encoding in ENCODINGS:
             back = read_store(Path(tmp) / encoding.replace(" ", "_"), stored, shard_size)
-            changes[encoding] = max(
-                abs(seed_miou(data, stored, back, name) - exact[name]) for name in names
-            )
+            changes[encoding] = max(abs(seed_miou(data, stored, back, name) - exact[name]) for name in names)
     n = len(stored)
     base_bytes, base_s = sizes["float16 deflate 6"], statistics.median(seconds["float16 deflate 6"])
     print(f"{n} images of {params.cams.split} ({data.image_size(stored[0][0])} px), maps {names}, "
