@@ -2,8 +2,10 @@
 
 Rows are train images; columns: the image, its ground truth, the CAM of its first class on the attention's token
 grid, that CAM re-activated by each block alone (DeiT: every block; SWTformer: the blocks of ``loss.aream.stage``),
-and by the mean of all blocks (what ``cams`` stores as ``aream``). The title gives each block's batch-mean entropy
-in bits (:func:`pipeline.aream_evidence.attention_evidence`); the entropies are also printed as JSON.
+and by the mean of all blocks (what ``cams`` stores as ``aream``). Each column's title gives its foreground share
+(:func:`pipeline.aream_evidence.foreground_share` over the ``--images`` rows: how much of the map lies on its
+class; a uniform map scores the classes' area share, also given), the figure's title each block's batch-mean
+entropy in bits (the official layer weights); both are also printed as JSON.
 
 Usage (after ``dvc repro train_cls`` or a ``dvc exp run`` with ``loss.aream.enabled=true``):
     python docs/render_aream_evidence.py --model-dir models/cls --data data/prepared --out docs/aream_evidence.png
@@ -21,11 +23,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.aream_evidence import attention_evidence  # noqa: E402
+from pipeline.aream_evidence import attention_evidence, foreground_share  # noqa: E402
 from pipeline.cams import aream_settings  # noqa: E402
 from pipeline.data.datasets import normalize  # noqa: E402
 from pipeline.data.layout import PreparedDataset  # noqa: E402
 from pipeline.models.swtformer import load_classifier  # noqa: E402
+from pipeline.viz import colorize  # noqa: E402
 
 
 def main() -> None:
@@ -50,27 +53,33 @@ def main() -> None:
     for row, image_id in enumerate(ids):
         labels[row, [k - 1 for k in data.labels[image_id]]] = 1
     evidence = attention_evidence(model, x, labels, **settings)
+    masks = torch.stack([torch.from_numpy(data.load_mask(i)).long() for i in ids])  # (B, H, W)
     maps = [("CAM", evidence["cam"])]
     maps += [(f"block {k}", m) for k, m in enumerate(evidence["reactivated"])] + [("all blocks", evidence["fused"])]
+    shares = {name: round(foreground_share(value, masks, labels), 3) for name, value in maps}
+    uniform = round(foreground_share(torch.ones_like(evidence["cam"]), masks, labels), 3)  # the classes' area share
     fig, axes = plt.subplots(len(ids), 2 + len(maps), figsize=(1.6 * (2 + len(maps)), 1.6 * len(ids)), squeeze=False)
     for row, image_id in enumerate(ids):
         first = data.labels[image_id][0] - 1
         axes[row, 0].imshow(data.load_image(image_id))
-        axes[row, 1].imshow(data.load_mask(image_id), cmap="tab20", interpolation="nearest")
+        axes[row, 1].imshow(colorize(data.load_mask(image_id), data.palette))
         for col, (name, value) in enumerate(maps, 2):
             axes[row, col].imshow(value[row, first].numpy(), cmap="jet", interpolation="nearest")
             if row == 0:
-                axes[row, col].set_title(name, fontsize=8)
+                axes[row, col].set_title(f"{name}\nfg share {shares[name]:.2f}", fontsize=8)
         axes[row, 0].set_ylabel(data.class_names[first + 1], fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     entropy = [round(float(e), 3) for e in evidence["entropy"]]
-    fig.suptitle(f"{args.model_dir}: entropy (bits) per block {entropy}", fontsize=9)
+    title = f"{args.model_dir}: entropy (bits) per block {entropy}; fg share of a uniform map {uniform}"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
-    print(json.dumps({"model_dir": str(args.model_dir), "images": ids, "entropy_bits": entropy, "out": str(args.out)}))
+    report = {"model_dir": str(args.model_dir), "images": ids, "entropy_bits": entropy, "fg_share": shares}
+    report["fg_share_uniform"] = uniform
+    print(json.dumps(report | {"out": str(args.out)}))
 
 
 if __name__ == "__main__":

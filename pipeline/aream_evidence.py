@@ -4,7 +4,8 @@ AReAM's premise is that deep blocks' attention over-smooths onto the background 
 :func:`attention_evidence` measures that on a batch, for the DeiT (global attention) and SWTformer (one Swin
 stage's window attention, :mod:`pipeline.models.window_attention`): the entropy of each block's re-activated map
 (the official code's layer weights; high = spread out) and the re-activated maps themselves, for a gallery
-(``docs/render_aream_evidence.py``).
+(``docs/render_aream_evidence.py``). :func:`foreground_share` says with the ground truth how much of a map lies
+on its class: the direct test of "spreads onto the background".
 """
 
 from __future__ import annotations
@@ -59,3 +60,24 @@ def attention_evidence(
         "entropy": layer_entropy([a[:, None] for a in affinities], 0, cam),
         "fused": spread(torch.stack(affinities).mean(dim=0)),
     }
+
+
+def foreground_share(maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of each present class's map that lies on that class's ground truth, mean over (image, class).
+
+    Args:
+        maps: (B, C, h, w) non-negative maps on a token grid (class c in channel c - 1).
+        masks: (B, H, W) ground truth (0 background, k class k, 255 ignored), any resolution.
+        labels: (B, C) image-level labels: the (image, class) pairs averaged over.
+
+    Returns:
+        ``mean sum(map * fg) / sum(map)``, ``fg`` the class's pixel share of each token's cell (area resampling);
+        1 = all of the map on its class, the class's area share = a uniform map. NaN without a present class.
+    """
+    classes = torch.arange(1, maps.shape[1] + 1, device=masks.device)[None, :, None, None]  # (1, C, 1, 1)
+    fg = (masks[:, None] == classes).float()  # (B, C, H, W)
+    fg = F.adaptive_avg_pool2d(fg, maps.shape[-2:])  # (B, C, h, w): share of each cell on the class
+    mass = maps.clamp_min(0).flatten(2)  # (B, C, h*w)
+    share = (mass * fg.flatten(2)).sum(2) / mass.sum(2).clamp_min(1e-12)  # (B, C)
+    present = labels > 0
+    return float(share[present].mean()) if present.any() else float("nan")

@@ -33,7 +33,7 @@ from pipeline.aream import (
     reliable_labels,
     window_walk,
 )
-from pipeline.aream_evidence import attention_evidence
+from pipeline.aream_evidence import attention_evidence, foreground_share
 from pipeline.config import parse_params
 from pipeline.errors import ConfigError
 from pipeline.io import CamStore
@@ -345,6 +345,20 @@ def test_attention_evidence_per_block(arch):
     assert ((evidence["entropy"] >= 0) & (evidence["entropy"] <= math.log2(n) + 1e-4)).all()
 
 
+def test_foreground_share_hand_cases():
+    masks = torch.zeros(1, 4, 4, dtype=torch.long)
+    masks[0, :2, :2] = 2  # class 2 on the top-left quarter
+    labels = torch.tensor([[0.0, 1.0]])
+    on_class = torch.zeros(1, 2, 2, 2)
+    on_class[0, 1, 0, 0] = 1.0  # all of class 2's map on its own cell
+    assert foreground_share(on_class, masks, labels) == 1.0
+    assert foreground_share(torch.ones(1, 2, 2, 2), masks, labels) == 0.25, "uniform: the class's area share"
+    off = torch.zeros(1, 2, 2, 2)
+    off[0, 1, 1, 1] = 3.0
+    assert foreground_share(off, masks, labels) == 0.0
+    assert math.isnan(foreground_share(off, masks, torch.zeros(1, 2)))
+
+
 def test_the_evidence_gallery_draws_a_trained_run(aream_run, tmp_path):
     out = tmp_path / "evidence.png"
     script = Path(__file__).resolve().parents[1] / "docs/render_aream_evidence.py"
@@ -353,4 +367,6 @@ def test_the_evidence_gallery_draws_a_trained_run(aream_run, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(report["images"]) == 2 and len(report["entropy_bits"]) == TINY_VIT["depth"]
+    assert set(report["fg_share"]) == {"CAM", "all blocks"} | {f"block {k}" for k in range(TINY_VIT["depth"])}
+    assert all(0 <= share <= 1 for share in report["fg_share"].values())
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -272,3 +272,26 @@ def test_the_documented_wegformer_set_runs_end_to_end(project):
     cams = run["data"]["metrics"]["results/cams/metrics.json"]["data"]
     assert 0 <= cams["relevance"]["miou_best"] <= 1, "the relevance maps were made and scored"
     assert 0 <= run["data"]["metrics"]["results/evaluate/metrics.json"]["data"]["single_scale"]["miou"] <= 1
+
+
+def test_the_documented_aream_switch_reruns_train_cls_not_prepare(project):
+    """docs/classifier.md's DeiT + AReAM line: train_cls and what follows run, prepare does not; it is listed."""
+    project.ok("git", "checkout", "--", ".")  # earlier experiments left their params in the workspace
+    doc = (REPO / "docs/classifier.md").read_text()
+    (line,) = [line for line in doc.splitlines() if line.startswith("dvc exp run -S model.arch=deit -S loss.aream")]
+    words = line.split("#", 1)[0].split()
+    assert words == ["dvc", "exp", "run", "-S", "model.arch=deit", "-S", "loss.aream.enabled=true"], line
+    tiny = ["-S", "loss.aream.warmup_epochs=0"]  # the tiny params train 2 epochs: the loss from the first one
+    result = project.run(*_dvc("exp", "run", "-n", "aream-doc", *words[3:], *tiny), timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Running stage 'prepare'" not in output
+    for stage in ("train_cls", "cams", "refine", "train_seg", "evaluate"):
+        assert f"Running stage '{stage}'" in output, stage
+    _, runs = _experiments(json.loads(project.ok(*_dvc("exp", "show", "--json"))))
+    (run,) = [run for run in runs if run.get("name") == "aream-doc"]
+    params = run["data"]["params"]["params.yaml"]["data"]
+    assert params["model"]["arch"] == "deit" and params["loss"]["aream"]["enabled"] is True
+    metrics = run["data"]["metrics"]
+    assert "loss_aff" in metrics["results/train_cls/metrics.json"]["data"]["train"], "the affinity loss trained"
+    assert 0 <= metrics["results/cams/metrics.json"]["data"]["aream"]["miou_best"] <= 1, "the re-activated map"
