@@ -16,11 +16,12 @@ import torch
 
 from pipeline import runtime, training
 from pipeline.config import StageParams, TrainSegParams
-from pipeline.data.datasets import normalize, same_size_batches
+from pipeline.data.datasets import normalize, size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.data.seg_datasets import SegmentationTrainSet, labels_fingerprint
 from pipeline.metrics import confusion_matrix, iou_report, mean_iou
 from pipeline.models.deeplab import Segmenter, build_segmenter, predict_probs, save_segmenter, segmentation_loss
+from pipeline.shard import Shard
 
 
 @torch.no_grad()
@@ -33,22 +34,29 @@ def split_confusion(
     device: torch.device,
     amp: bool,
     batch_size: int = 16,
+    shard: Shard | None = None,
 ) -> np.ndarray:
     """Single-scale confusion matrix of a split against its ground-truth masks (metrics only).
 
+    With a ``shard`` of a ``torchrun`` launch, each process predicts its share of the one-process batches
+    (:meth:`Shard.mine`) and the main process sums the matrices: every process must call it.
+
     Returns:
-        (K, K) int64 matrix, rows = ground truth.
+        (K, K) int64 matrix, rows = ground truth: the whole split's on the main process, this process's share
+        on the others.
     """
+    shard = shard or Shard()
     was_training = model.training
     model.eval()
     confusion = np.zeros((data.num_classes, data.num_classes), np.int64)
-    for ids, images in same_size_batches(data.split(split), data.load_image, batch_size):
-        x = torch.stack([normalize(im, mean, std) for im in images]).to(device)  # (B, 3, H, W)
+    for ids in shard.mine(size_batches(data.split(split), data.image_size, batch_size)):
+        x = torch.stack([normalize(data.load_image(i), mean, std) for i in ids]).to(device)  # (B, 3, H, W)
         pred = predict_probs(model, x, (1.0,), False, amp).argmax(1).cpu().numpy()  # (B, H, W)
         for row, image_id in enumerate(ids):
             confusion += confusion_matrix(pred[row], data.load_mask(image_id), data.num_classes)
     model.train(was_training)
-    return confusion
+    parts = shard.gather(confusion)
+    return np.sum(parts, axis=0) if shard.is_main else confusion
 
 
 def _meta(params: StageParams, data: PreparedDataset) -> dict[str, Any]:
@@ -119,7 +127,10 @@ def train_segmenter(
         last = epoch + 1 == cfg.epochs
         if not (last or (cfg.val_every and (epoch + 1) % cfg.val_every == 0)):
             return {}
-        confusion = split_confusion(model, data, "val", mean, std, run.device, cfg.amp)
+        shard = Shard(run.dist)  # every process predicts its share of val (validate_everywhere)
+        confusion = split_confusion(model, data, "val", mean, std, run.device, cfg.amp, shard=shard)
+        if not shard.is_main:
+            return {}
         return iou_report(confusion, data.class_names, "val") if last else {"val/miou": mean_iou(confusion)}
 
     task = training.Task(
@@ -131,6 +142,7 @@ def train_segmenter(
         save=lambda trained: save_segmenter(trained, _meta(params, data), model_dir),
         validate=validate,
         sync_batchnorm=True,
+        validate_everywhere=True,
     )
     digest = f"{params.digest()}-{labels_fingerprint(Path(labels_dir), trainset.ids)}"  # the pseudo labels too
     history = training.fit(task, training.Recipe.of(cfg, batch_size=batch_size), run, results_dir, checkpoint, digest)

@@ -267,11 +267,13 @@ class Task:
         step: ``step(net, batch) -> (loss, terms)``: the forward pass through ``net`` (``model``, or its DDP
             wrapper) and the loss to minimise; each term is averaged over the epoch into ``train/<term>``.
         save: Writes the trained model (main process only).
-        validate: ``validate(epoch) -> metrics`` after each epoch (0-based), on the main process.
+        validate: ``validate(epoch) -> metrics`` after each epoch (0-based), on the main process (on every process
+            with ``validate_everywhere``: it shares out its work and returns the metrics on the main one).
         live_params: Extra run parameters for dvclive.
         static_metrics: Metrics logged once (not per epoch), e.g. the quality of the training labels.
         find_unused_parameters: DDP must allow parameters without a gradient.
         sync_batchnorm: Use synchronised batch norm across CUDA processes.
+        validate_everywhere: Call ``validate`` on every process of a ``torchrun`` launch, not the main one only.
     """
 
     name: str
@@ -285,6 +287,7 @@ class Task:
     static_metrics: dict[str, float] = field(default_factory=dict)
     find_unused_parameters: bool = False
     sync_batchnorm: bool = False
+    validate_everywhere: bool = False
 
 
 def fit(task: Task, recipe: Recipe, run: Run, results_dir: Path, checkpoint: Path, digest: str) -> list[dict]:
@@ -318,8 +321,10 @@ def fit(task: Task, recipe: Recipe, run: Run, results_dir: Path, checkpoint: Pat
     for epoch in range(start, recipe.epochs):
         record = _train_epoch(task, recipe, run, net, trainables, epoch, epoch * steps)
         check_weights(task.model, task.name, epoch + 1)  # on every rank: DDP replicas hold the same weights
+        validated = task.validate is not None and (run.dist.is_main or task.validate_everywhere)
+        metrics = task.validate(epoch) if validated else {}
         if run.dist.is_main:
-            record.update(task.validate(epoch) if task.validate is not None else {})
+            record.update(metrics)
             history.append(record)
             log_epoch(live, record)
             log.info("%s epoch %d/%d: %s", task.name, epoch + 1, recipe.epochs, _describe(record))

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from conftest import subprocess_env, tiny_params_dict, write_params
 
 from pipeline.config import Params
 from pipeline.data.layout import PreparedDataset
 from pipeline.io import save_label_png
+from pipeline.metrics import mean_iou
+from pipeline.models.deeplab import load_segmenter
 from pipeline.prepare import prepare
+from pipeline.train_seg import split_confusion
 from pipeline.training import warmup_decay
 
 pytestmark = pytest.mark.slow  # torchrun with two processes
 
 # 8 images, a global batch of 4 (2 per process), 1 epoch: two optimiser steps
 DDP = {
-    "data": {"synthetic": {"num_train": 8, "num_val": 4}},
+    "data": {"synthetic": {"num_train": 8, "num_val": 40}},  # val: 3 batches of 16, shared by the 2 processes
     "train_seg": {
         "encoder": "tu-test_efficientnet",
         "decoder_channels": 8,
@@ -85,3 +90,15 @@ def test_a_batch_that_leaves_one_image_per_process_is_refused(ddp_run):
     assert result.returncode != 0
     assert "train_seg.batch_size=2 must split into >= 2 images for each of 2 processes" in result.stderr
     assert not (root / "model2").exists()
+
+
+def test_validation_shared_by_the_two_processes_equals_one_process(ddp_run):
+    # each rank predicts half of val, rank 0 sums the confusions: the metrics of the saved model in one process
+    root, cfg, result = ddp_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    model, _ = load_segmenter(root / "model", torch.device("cpu"))
+    data = PreparedDataset.open(root / "prepared")
+    mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
+    confusion = split_confusion(model, data, "val", mean, std, torch.device("cpu"), amp=False)
+    logged = json.loads((root / "results/metrics.json").read_text())["val"]
+    assert logged["miou"] == pytest.approx(mean_iou(confusion), abs=1e-6)
