@@ -595,7 +595,7 @@ def project(spec: DatasetSpec, params, m: dict[str, float], machine: Machine) ->
     labels_s = n_cams * m["aff_labels_s"] / cores
     step = model_seconds(machine, m["aff_step_s"], m["aff_step_flops"], train=True)
     steps = aff.epochs * (n_cams // aff.batch_size)
-    seconds = labels_s + steps * loader_bound(machine, step, aff.batch_size * m["aff_sample_s"], 0)  # no loaders
+    seconds = labels_s + steps * loader_bound(machine, step, aff.batch_size * m["aff_sample_s"], aff.num_workers)
     held = n_cams * spec.size[0] * spec.size[1]  # every image's uint8 affinity labels stay in memory
     memory = max(m["train_aff_rss_bytes"], cores * (floor + 8 * spec.num_labels * spec.size[0] * spec.size[1]))
     if params.refine.method in PSA_METHODS:

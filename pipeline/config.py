@@ -419,6 +419,7 @@ class TrainAffParams(Schedule, AmpRuntime):
     crop_size: Annotated[int, Field(ge=16)] = 96
     flip: bool = True
     label_workers: Annotated[int, Field(ge=0)] = 0
+    num_workers: Annotated[int, Field(ge=0)] = 0
 
 
 class PsaParams(Section):

@@ -93,7 +93,7 @@ def test_projection_on_two_cpu_cores(voc):
     assert cams.out_bytes == pytest.approx(10_582 * 1e6)
     assert cams.memory_bytes == pytest.approx(2_000 + 500 * 2e6)
     aff = stage(costs, "train_aff")
-    assert aff.seconds == pytest.approx(10_582 * 0.6 / 2 + 5 * (10_582 // 8) * (8.0 + 8 * 0.01))
+    assert aff.seconds == pytest.approx(10_582 * 0.6 / 2 + 5 * (10_582 // 8) * (8.0 + 8 * 0.01 / 2))  # 8 loaders
     assert aff.memory_bytes >= 10_582 * 500 * 375, "every image's labels stay in memory"
     assert stage(costs, "refine").seconds == pytest.approx(10_582 * 1.5 / 2)
     seg = stage(costs, "train_seg").seconds
