@@ -51,6 +51,7 @@ TINY_OVERRIDES: dict[str, Any] = {
         "warmup_epochs": 0.5,
         "crop_size": 32,
         "label_workers": 1,
+        "num_workers": 1,  # one DataLoader process: the tiny runs exercise the loader path
         "device": "cpu",
         "threads": 1,
     },
