@@ -307,12 +307,13 @@ def measure_cams(spec: DatasetSpec, params, repeats: int) -> dict[str, float]:
     count = 8
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        with CamWriter(Path(tmp) / "cams", shard_size=count) as writer:
+        with CamWriter(Path(tmp) / "cams", shard_size=count, quantize=cfg.store == "uint8") as writer:
             for index in range(count):
                 writer.add(f"img{index}", keys, maps)
         out["shard_write_s"] = (time.perf_counter() - started) / count
         out["shard_bytes"] = sum(p.stat().st_size for p in (Path(tmp) / "cams").glob("*.npz")) / count
-    out["shard_raw_bytes"] = float(sum(a.size * 2 for a in maps.values()))  # float16 in memory before a flush
+    per_value = 1 if cfg.store == "uint8" else 2  # uint8 codes or float16, in memory before a flush
+    out["shard_raw_bytes"] = float(sum(a.size * per_value for a in maps.values()))
     return out
 
 

@@ -193,7 +193,8 @@ def generate_cams(
         plan = size_batches(ids, data.image_size, batch_size)
         quiet = None if shard.is_main else True  # rank 0 shows every rank's progress
         bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=quiet, mininterval=2)
-        with CamWriter(cams_dir, params.shard_size) if shard.is_main else contextlib.nullcontext() as writer:
+        store = CamWriter(cams_dir, params.shard_size, quantize=params.store == "uint8")
+        with store if shard.is_main else contextlib.nullcontext() as writer:
             for stored in shard.merged(map(seeds, shard.mine(plan)), len(plan)):  # rank 0: every batch, in order
                 for image_id, keys, maps in stored:
                     writer.add(image_id, keys, maps)

@@ -94,7 +94,7 @@ def save_image_png(path: Path | str, image: np.ndarray) -> None:
 
 
 CAM_FORMAT = "wsss-cams/2"
-"""8-bit maps with a per-channel range, deflate level 1 (``wsss-cams/1``: float16 maps, deflate level 6)."""
+"""float16 maps, or 8-bit ones with a per-channel range; deflate level 1 (``wsss-cams/1``: float16, level 6)."""
 RANGE = ".range"
 """Suffix of the (K, 2) float32 ``[low, high]`` array stored beside each quantised (K, H, W) uint8 map."""
 LEVELS = 255
@@ -124,16 +124,17 @@ class CamWriter:
     """Write per-image CAM arrays into ``.npz`` shards plus ``index.json``, replacing ``directory`` whole.
 
     Each image stores ``keys`` (class ids of the channels, background = 0 first) and one or more maps of shape
-    (len(keys), H, W), e.g. ``cam`` and ``rcam``, as 8-bit codes with each channel's range
-    (:func:`quantize_maps`; ``benchmarks/cam_store.py`` measured it against float16: a third of the bytes,
-    several times faster to write, seeds unchanged). A context manager: the shards go into a staging directory
-    (:func:`~pipeline.outputs.replaced_dir`) that replaces ``directory`` when the block ends without an
-    exception; otherwise ``directory`` keeps its old content.
+    (len(keys), H, W), e.g. ``cam`` and ``rcam``: float16, or with ``quantize`` 8-bit codes with each channel's
+    range (:func:`quantize_maps`; ``benchmarks/cam_store.py`` measured a third of the bytes, faster writes,
+    seed mIoU within 1e-3). Shards are deflated at level 1 (as small as numpy's level 6 here, twice as fast).
+    A context manager: the shards go into a staging directory (:func:`~pipeline.outputs.replaced_dir`) that
+    replaces ``directory`` when the block ends without an exception; otherwise ``directory`` keeps its old content.
     """
 
-    def __init__(self, directory: Path | str, shard_size: int) -> None:
+    def __init__(self, directory: Path | str, shard_size: int, quantize: bool = False) -> None:
         self.directory = Path(directory)
         self.shard_size = shard_size
+        self.quantize = quantize
         self._pending: dict[str, np.ndarray] = {}
         self._pending_ids: list[str] = []
         self._index: dict[str, str] = {}
@@ -157,9 +158,10 @@ class CamWriter:
             raise ValueError(f"invalid or duplicate image id {image_id!r}")
         self._pending[f"{image_id}/keys"] = np.asarray(keys, dtype=np.int16)
         for name, array in maps.items():
-            codes, bounds = quantize_maps(array)
-            self._pending[f"{image_id}/{name}"] = codes
-            self._pending[f"{image_id}/{name}{RANGE}"] = bounds
+            if self.quantize:
+                self._pending[f"{image_id}/{name}"], self._pending[f"{image_id}/{name}{RANGE}"] = quantize_maps(array)
+            else:
+                self._pending[f"{image_id}/{name}"] = np.asarray(array, dtype=np.float16)
         self._pending_ids.append(image_id)
         if len(self._pending_ids) >= self.shard_size:
             self._flush()
@@ -215,7 +217,7 @@ class CamStore:
         return list(self._index)
 
     def load(self, image_id: str) -> dict[str, np.ndarray]:
-        """Return ``{"keys": ..., <map name>: ...}`` for one image (maps float32; a ``wsss-cams/1`` store's float16).
+        """Return ``{"keys": ..., <map name>: ...}`` for one image (float16 maps as stored, 8-bit ones as float32).
 
         Raises:
             DatasetError: If the image is not in the store, or its shard is missing or damaged.

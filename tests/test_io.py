@@ -102,10 +102,11 @@ def make_maps(rng: np.random.Generator, num_keys: int) -> dict[str, np.ndarray]:
     return {"cam": rng.random((num_keys, 5, 6)).astype(np.float32), "rcam": rng.random((num_keys, 5, 6))}
 
 
-def test_cam_store_round_trip_across_shards(tmp_path):
+@pytest.mark.parametrize("quantize", [False, True])
+def test_cam_store_round_trip_across_shards(tmp_path, quantize):
     rng = np.random.default_rng(0)
     written = {}
-    with CamWriter(tmp_path / "cams", shard_size=2) as writer:
+    with CamWriter(tmp_path / "cams", shard_size=2, quantize=quantize) as writer:
         for i in range(5):
             keys = np.array([0, 1 + i % 3, 4 + i % 2])[: 2 + i % 2]
             maps = make_maps(rng, len(keys))
@@ -123,8 +124,12 @@ def test_cam_store_round_trip_across_shards(tmp_path):
         assert loaded["keys"].dtype.kind == "i"
         np.testing.assert_array_equal(loaded["keys"], keys)
         for name in ("cam", "rcam"):
-            assert loaded[name].dtype == np.float32
-            np.testing.assert_allclose(loaded[name], maps[name], rtol=0, atol=1 / 510 + 1e-6)  # 8 bits per [0, 1)
+            if quantize:
+                assert loaded[name].dtype == np.float32
+                np.testing.assert_allclose(loaded[name], maps[name], rtol=0, atol=1 / 510 + 1e-6)  # 8 bits, [0, 1)
+            else:
+                assert loaded[name].dtype == np.float16
+                np.testing.assert_array_equal(loaded[name], maps[name].astype(np.float16))
     assert read_json(tmp_path / "cams/index.json")["format"] == "wsss-cams/2"
 
 
@@ -140,7 +145,7 @@ def test_quantized_maps_hand_case():
     assert np.abs(back - maps).max() <= 2 / 510 + 1e-6  # half a step of the widest range
 
 
-def test_a_format_1_store_still_reads_as_float16(tmp_path):
+def test_a_format_1_store_still_reads(tmp_path):
     (tmp_path / "cams").mkdir()
     maps = np.random.default_rng(0).random((2, 3, 4)).astype(np.float16)
     np.savez_compressed(tmp_path / "cams/shard-00000.npz", **{"a/keys": np.array([0, 1], np.int16), "a/cam": maps})
