@@ -8,8 +8,9 @@ back, and its argmax seeds (the stored background channel) are scored against th
 of the float32 maps:
 
 * ``float16 deflate 6``: the ``wsss-cams/1`` store (``np.savez_compressed``);
+* ``float16 deflate 1``: what ``cams`` writes with ``cams.store: float16`` (the default);
 * ``float16 stored``: the same arrays uncompressed;
-* ``uint8 deflate 1``: the ``wsss-cams/2`` store (:func:`pipeline.io.quantize_maps`, what ``cams`` writes);
+* ``uint8 deflate 1``: what ``cams`` writes with ``cams.store: uint8`` (:func:`pipeline.io.quantize_maps`);
 * ``uint8 deflate 6`` and ``uint8 stored``: the 8-bit codes at the other two levels.
 
 Prints, per encoding, bytes and milliseconds per image (encoding included), both relative to float16 deflate 6,
@@ -60,6 +61,7 @@ def _decode(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 ENCODINGS: dict[str, tuple[Callable[[np.ndarray], dict[str, np.ndarray]], int]] = {
     "float16 deflate 6": (_float16, 6),
+    "float16 deflate 1": (_float16, 1),
     "float16 stored": (_float16, 0),
     "uint8 deflate 1": (_uint8, 1),
     "uint8 deflate 6": (_uint8, 6),
