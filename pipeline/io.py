@@ -12,6 +12,7 @@ import os
 import zipfile
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,11 @@ class CamWriter:
     Each image stores ``keys`` (class ids of the channels, background = 0 first) and one or more maps of shape
     (len(keys), H, W), e.g. ``cam`` and ``rcam``: float16, or with ``quantize`` 8-bit codes with each channel's
     range (:func:`quantize_maps`; ``benchmarks/cam_store.py`` measured a third of the bytes, faster writes,
-    seed mIoU within 1e-3). Shards are deflated at level 1 (as small as numpy's level 6 here, twice as fast).
+    seed mIoU within 1e-3). Shards are deflated at level 1 (as small as numpy's level 6 here, twice as fast),
+    in a background thread (zlib releases the GIL), one shard at a time while the next one fills: the caller
+    (``cams``' main loop) does not wait for compression, and at most two shards are held in memory. A failed
+    write is raised by the next flush or at the end.
+
     A context manager: the shards go into a staging directory (:func:`~pipeline.outputs.replaced_dir`) that
     replaces ``directory`` when the block ends without an exception; otherwise ``directory`` keeps its old content.
     """
@@ -141,16 +146,24 @@ class CamWriter:
         self._shards = 0
         self._stack = contextlib.ExitStack()
         self._staging = self.directory
+        self._writer: ThreadPoolExecutor | None = None
+        self._in_flight: Future | None = None
 
     def __enter__(self) -> CamWriter:
         self._staging = self._stack.enter_context(replaced_dir(self.directory))
+        self._writer = self._stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="cam-shards"))
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, trace: Any) -> None:
         if kind is None:
-            self._flush()
-            write_json(self._staging / "index.json", {"format": CAM_FORMAT, "images": self._index})
-        self._stack.__exit__(kind, *rest)
+            try:
+                self._flush()
+                self._wait()
+                write_json(self._staging / "index.json", {"format": CAM_FORMAT, "images": self._index})
+            except BaseException as exc:  # a failed write: the staging directory goes, the old store stays
+                self._stack.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+        self._stack.__exit__(kind, value, trace)  # the writer thread finishes before the staging directory goes
 
     def add(self, image_id: str, keys: np.ndarray, maps: dict[str, np.ndarray]) -> None:
         """Queue one image's arrays; a shard is flushed every ``shard_size`` images."""
@@ -167,14 +180,29 @@ class CamWriter:
             self._flush()
 
     def _flush(self) -> None:
+        """Hand the pending images to the writer thread as the next shard (after the shard in flight is written)."""
         if not self._pending_ids:
             return
         name = f"shard-{self._shards:05d}.npz"
-        with atomic_path(self._staging / name) as tmp:
-            write_npz(tmp, self._pending, compresslevel=1)
-        self._index.update(dict.fromkeys(self._pending_ids, name))
-        self._shards += 1
+        arrays, ids = self._pending, self._pending_ids
         self._pending, self._pending_ids = {}, []
+        self._wait()
+        if self._writer is None:
+            raise RuntimeError("CamWriter writes inside its `with` block only")
+        self._in_flight = self._writer.submit(_write_shard, self._staging / name, arrays)
+        self._index.update(dict.fromkeys(ids, name))
+        self._shards += 1
+
+    def _wait(self) -> None:
+        """Wait for the shard in flight; its write error is raised here."""
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()
+
+
+def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp:
+        write_npz(tmp, arrays, compresslevel=1)
 
 
 def write_npz(path: Path | str, arrays: dict[str, np.ndarray], compresslevel: int) -> None:

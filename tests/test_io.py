@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import io as io_module
 from pipeline.data.layout import voc_palette
 from pipeline.io import (
     CamStore,
@@ -152,6 +153,28 @@ def test_a_format_1_store_still_reads(tmp_path):
     write_json(tmp_path / "cams/index.json", {"format": "wsss-cams/1", "images": {"a": "shard-00000.npz"}})
     loaded = CamStore(tmp_path / "cams").load("a")
     assert loaded["cam"].dtype == np.float16 and (loaded["cam"] == maps).all()
+
+
+def test_a_failed_shard_write_leaves_the_old_store(tmp_path, monkeypatch):
+    # shards are written in a background thread: its error reaches the caller, and the old store stays whole
+    with CamWriter(tmp_path / "cams", shard_size=1) as writer:
+        writer.add("old", np.array([0]), {"cam": np.ones((1, 2, 2))})
+    real, calls = io_module.write_npz, []
+
+    def disk_full_on_the_second_shard(path, arrays, compresslevel):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, arrays, compresslevel)
+
+    monkeypatch.setattr(io_module, "write_npz", disk_full_on_the_second_shard)
+    with pytest.raises(OSError, match="No space left"):
+        with CamWriter(tmp_path / "cams", shard_size=1) as writer:
+            for i in range(4):
+                writer.add(f"new{i}", np.array([0]), {"cam": np.zeros((1, 2, 2))})
+    assert 2 <= len(calls) <= 3, "the writer stops at the failed shard (one more may have been handed over)"
+    assert CamStore(tmp_path / "cams").ids == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cams"], "no staging directory or temporary left"
 
 
 def test_cam_writer_single_shard_when_small(tmp_path):
