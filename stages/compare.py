@@ -38,8 +38,8 @@ def main(
             compare.stages_up_to(dvc_yaml, grid.target_of(variant))  # a wrong target stops before any run
         if rev is not None and not collect_only:
             raise ConfigError("--rev reports an earlier commit's runs: use it with --collect-only")
+        baseline = compare_run.commit_of(rev or "HEAD")  # before the runs: a commit made meanwhile is not theirs
         failed = [] if collect_only else compare_run.run_grid(grid, params, typer.echo)
-        baseline = compare_run.commit_of(rev or "HEAD")
         shown = compare_run.dvc_json("exp", "show", "--rev", baseline)
         values = compare.collect(grid, compare.experiments(shown), dvc_yaml)
         context = {"commit": baseline[:12]} if collect_only else compare_run.run_context(baseline)

@@ -233,3 +233,33 @@ def test_commit_of_names_a_commit_or_says_it_is_not_one(monkeypatch):
     assert re.fullmatch(r"[0-9a-f]{40}", commit_of("HEAD"))
     with pytest.raises(ConfigError, match="'no-such-rev' is not a commit"):
         commit_of("no-such-rev")
+
+
+def test_the_report_is_of_the_commit_the_runs_started_on(tmp_path, monkeypatch):
+    # a commit made while the grid runs moves HEAD: the runs are still the starting commit's experiments
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    head, shown_revs = ["a" * 40], []
+
+    def run_grid_while_someone_commits(grid, params, echo):
+        head[0] = "b" * 40
+        return []
+
+    monkeypatch.setattr("pipeline.compare.load_grid", lambda path: SimpleNamespace(variants={}))
+    monkeypatch.setattr("pipeline.compare_run.commit_of", lambda rev: head[0])
+    monkeypatch.setattr("pipeline.compare_run.run_grid", run_grid_while_someone_commits)
+    monkeypatch.setattr("pipeline.compare_run.run_context", lambda commit: {"commit": commit[:12]})
+    monkeypatch.setattr("pipeline.compare_run.dvc_json", lambda *args: shown_revs.append(args[-1]) or {})
+    monkeypatch.setattr("pipeline.compare.experiments", lambda shown: {})
+    monkeypatch.setattr("pipeline.compare.collect", lambda grid, found, dvc_yaml: {})
+    monkeypatch.setattr("pipeline.compare.write_report", lambda grid, values, out, context: str(context))
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert shown_revs == ["a" * 40] and "aaaaaaaaaaaa" in result.output
