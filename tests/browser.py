@@ -96,6 +96,12 @@ def run_chromium(args: list[str], timeout: float = 120) -> subprocess.CompletedP
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def plot_ids(html: str) -> list[str]:
+    """The ids of the page's plots that have data (DVC writes ``var spec = {};`` for one whose files hold no row)."""
+    body = html.split("<body>", 1)[1]
+    return [i for spec, i in re.findall(r"var spec = (.*?);\s*vegaEmbed\('#([^']+)'", body, re.S) if spec != "{}"]
+
+
 def check_page(page: Path, budget_ms: int = 20000) -> dict:
     """Load a copy of ``page`` with the check script appended; return its report.
 
@@ -104,7 +110,7 @@ def check_page(page: Path, budget_ms: int = 20000) -> dict:
     """
     probe = page.with_name("check_" + page.name)
     text = page.read_text()
-    ids = re.findall(r"vegaEmbed\('#([^']+)'", text.split("<body>", 1)[1])  # vega-embed empties these divs
+    ids = plot_ids(text)  # vega-embed empties these divs
     head, body = text.split("<head>", 1)
     body, end, tail = body.rpartition("</body>")  # the last one: vega-embed's code holds the string too
     check = CHECK.replace("PLOT_IDS", json.dumps(ids))

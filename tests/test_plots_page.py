@@ -10,7 +10,7 @@ import os
 import re
 
 import pytest
-from browser import build_project, check_page, chromium, plots_show, screenshot
+from browser import build_project, check_page, chromium, plot_ids, plots_show, screenshot
 from conftest import REPO
 from dvc_render.html import PAGE_HTML
 from PIL import Image
@@ -68,8 +68,8 @@ def test_every_curve_and_image_draws_offline(page, tmp_path):
     _need_browser()
     report = check_page(page)
     assert report["errors"] == []
-    vega_plots = len(re.findall(r"vegaEmbed\('#", page.read_text().split("<body>", 1)[1]))
-    assert len(report["plots"]) == vega_plots >= 20
+    vega_plots = len(plot_ids(page.read_text()))
+    assert len(report["plots"]) == vega_plots >= 16  # the default run trains no AffinityNet: no affinity curves
     for plot in report["plots"]:
         assert plot["canvas"] and plot["ink"] > 100, plot  # curves are coloured pixels, axes and text grey
     assert len(report["images"]) == GALLERIES
