@@ -42,7 +42,18 @@ HEAD = """<!DOCTYPE html>
      Interactive Data Lab; licences in .dvc/html/LICENSES/). -->
 """
 
-TAIL = """<style>
+TAIL = """<script>
+/* DVC writes `var spec = {}` for a plot whose files hold no row (train_aff's curves when refine.method does not
+   read the AffinityNet): its box is left out instead of failing in vega-embed */
+var wsssVegaEmbed = vegaEmbed;
+vegaEmbed = function (target, spec, options) {
+  if (spec && Object.keys(spec).length) return wsssVegaEmbed(target, spec, options);
+  var box = document.querySelector(target);
+  if (box) box.remove();
+  return Promise.resolve(null);
+};
+</script>
+<style>
 body { font-family: sans-serif; margin: 16px; }
 table { border-spacing: 15px; }
 img { max-width: 100%; image-rendering: pixelated; }
