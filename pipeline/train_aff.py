@@ -30,7 +30,7 @@ from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.io import CamStore, write_json
 from pipeline.models.affinitynet import AffinityNet
-from pipeline.models.files import SKIPPED, save_model_dir
+from pipeline.models.files import META, SKIPPED, save_model_dir
 from pipeline.outputs import replaced_dir
 from pipeline.parallel import map_ordered, resolve_workers
 from pipeline.refinement.affinity import (
@@ -281,7 +281,7 @@ def skip_affinity_net(method: str, model_dir: Path, results_dir: Path, checkpoin
     reason = f"refine.method was {method!r} when train_aff ran; only {' and '.join(PSA_METHODS)} use the AffinityNet"
     log.info("train_aff: nothing to train (%s)", reason)
     with replaced_dir(model_dir) as staging:
-        write_json(staging / "meta.json", {SKIPPED: reason})
+        write_json(staging / META, {SKIPPED: reason})
     with replaced_dir(results_dir) as staging:
         write_json(staging / "metrics.json", {})
         curves = staging / "plots" / "metrics" / "train"
