@@ -98,6 +98,7 @@ def multiscale_all_maps(
     flip: bool,
     seed_locating: SeedLocating,
     aream: Mapping[str, int] | None = None,
+    amp: bool = False,
 ) -> dict[str, torch.Tensor]:
     """:func:`multiscale_maps` as a mapping, plus (``aream``: a model trained with AReAM) its re-activated CAM.
 
@@ -109,6 +110,8 @@ def multiscale_all_maps(
         flip: Add flipped copies.
         seed_locating: V2's seeds at inference.
         aream: ``meta.json``'s AReAM settings (``stage``, ``steps``; SWTformer only) or ``None``.
+        amp: The backbone's forward (and AReAM's re-activation) in bfloat16 (float16 where unsupported) on CUDA;
+            the maps, seeds and normalisation stay float32. Nothing changes on the CPU.
 
     Returns:
         ``cam`` (B, C, H, W), ``rcam`` (B, K, H, W) for V2, and with ``aream`` the CAM re-activated through the
@@ -123,7 +126,10 @@ def multiscale_all_maps(
         x = F.interpolate(images, size=size, mode="bicubic", align_corners=False) if scale != 1 else images
         if flip:
             x = torch.cat([x, x.flip(-1)])
-        feats, extra = model.reactivated(x, **aream) if aream is not None else (model.features(x), None)
+        with runtime.autocast(images.device, amp):
+            feats, extra = model.reactivated(x, **aream) if aream is not None else (model.features(x), None)
+        feats = Features(*(None if t is None else t.float() for t in (feats.logit_map, feats.tokens, feats.fused)))
+        extra = extra if extra is None else extra.float()
         if flip:
             fused = feats.fused if feats.fused is None else _unflip(feats.fused)
             feats = Features(_unflip(feats.logit_map), _unflip(feats.tokens), fused)
@@ -158,7 +164,7 @@ def scored_ids(data: PreparedDataset, params: CamsParams, ids: list[str]) -> set
 
 
 def generate_cams(
-    params: CamsParams, data_dir: Path, model_dir: Path, cams_dir: Path, results_dir: Path, batch_size: int = 8
+    params: CamsParams, data_dir: Path, model_dir: Path, cams_dir: Path, results_dir: Path
 ) -> dict[str, float]:
     """Run inference on ``cams.split``, store CAM/R-CAM shards and write seed metrics, mAP and a gallery.
 
@@ -172,7 +178,6 @@ def generate_cams(
         model_dir: Classifier written by ``train_cls``.
         cams_dir: Output directory of the CAM shards.
         results_dir: dvclive directory (metrics, sweep curves, gallery).
-        batch_size: Images per forward pass (same-size images only), per process.
 
     Returns:
         The headline metrics (on rank 0; ``{}`` on the other ranks).
@@ -190,10 +195,10 @@ def generate_cams(
         evaluators = _evaluators(model, meta, params, data.num_classes, grid)
         seeds = _SeedPass(model, meta, params, data, device, ids, scored_ids(data, params, ids), evaluators)
         live = open_live(results_dir) if shard.is_main else None
-        plan = size_batches(ids, data.image_size, batch_size)
+        plan = size_batches(ids, data.image_size, params.batch_size)
         quiet = None if shard.is_main else True  # rank 0 shows every rank's progress
         bar = tqdm(total=len(ids), desc=f"cams {params.split}", unit="img", disable=quiet, mininterval=2)
-        store = CamWriter(cams_dir, params.shard_size, quantize=params.store == "uint8")
+        store = CamWriter(cams_dir, params.shard_size, quantize=params.store == "uint8", stride=params.store_stride)
         with store if shard.is_main else contextlib.nullcontext() as writer:
             for stored in shard.merged(map(seeds, shard.mine(plan)), len(plan)):  # rank 0: every batch, in order
                 for image_id, keys, maps in stored:
@@ -249,7 +254,8 @@ class _SeedPass:
         x = torch.stack([normalize(im, self.mean, self.std) for im in images]).to(self.device)  # (B, 3, H, W)
         labels = [data.labels[i] for i in group]
         mask = present_class_mask(labels, data.num_classes, self.device)
-        out = multiscale_all_maps(self.model, x, mask, params.scales, params.flip, params.seed_locating, self.aream)
+        args = (params.scales, params.flip, params.seed_locating, self.aream, params.amp)
+        out = multiscale_all_maps(self.model, x, mask, *args)
         if "relevance" in self.evaluators:
             args = (params.scales, params.flip, params.relevance)
             out["relevance"] = multiscale_relevance(self.model, x, labels, *args)  # (B, C, H, W)

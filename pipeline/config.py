@@ -315,7 +315,7 @@ class RelevanceParams(Section):
     class_batch: Annotated[int, Field(ge=1, le=1024)] = 16
 
 
-class CamsParams(Runtime):
+class CamsParams(AmpRuntime):
     """CAM / R-CAM inference and seed evaluation (``cams``).
 
     ``seed_locating`` chooses the seeds of R-CAM's prototypes at inference: ``structure`` is SWTformer's
@@ -330,6 +330,14 @@ class CamsParams(Runtime):
     ``store`` is how the CAM store keeps the maps: ``float16`` (lossless for what ``cams`` computes in float32 to
     3 digits) or ``uint8`` (8 bits per value between each channel's minimum and maximum: a third of the bytes and
     faster to write, seed mIoU within 1e-3; ``benchmarks/cam_store.py``); the paper configs take ``uint8``.
+    ``amp`` runs the backbone in bfloat16 on CUDA (the maps, seeds and normalisation stay float32).
+    ``batch_size`` images of one size go through each forward, per process (bucketed by size); on a CPU at VOC's
+    size 1 is faster (a batch's large tensors cost page faults; docs/cost.md), on a GPU larger batches are.
+    ``store_stride`` > 1 stores the maps average-pooled to 1/stride of the image's side (1/stride² of the bytes);
+    the readers get them back bilinearly at the image's size. A transformer's CAM is no finer than its last
+    stage's tokens (stride 32 for Swin-T at scale 1), so a stride of 4 keeps what later stages read: COCO's
+    store fits a 64 GiB disk with it (docs/cost.md). Seeds are scored on the full-resolution maps in ``cams``;
+    ``refine`` scores what it reads back.
     """
 
     split: Literal["train", "train_aug", "val"] = "train"
@@ -338,8 +346,10 @@ class CamsParams(Runtime):
     flip: bool = True
     seed_locating: SeedLocating = "cam"
     relevance: RelevanceParams = RelevanceParams()
+    batch_size: PositiveInt = 8
     shard_size: PositiveInt = 500
     store: Literal["float16", "uint8"] = "float16"
+    store_stride: Annotated[int, Field(ge=1, le=32)] = 1
     gallery_size: Annotated[int, Field(ge=0, le=64)] = 16
     sweep: SweepParams = SweepParams()
 

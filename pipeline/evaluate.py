@@ -71,16 +71,30 @@ def crf_labels(image: np.ndarray, probs: np.ndarray, crf: dict[str, float], min_
     Labels whose probability stays below ``min_prob`` at every pixel are left out of the CRF (its cost grows with the
     number of labels: 21 on VOC, 81 on COCO, of which an image has a few); if none reaches it, all are kept.
     """
+    return _crf_on_kept(image, *kept_labels(probs, min_prob), crf)
+
+
+def kept_labels(probs: np.ndarray, min_prob: float) -> tuple[np.ndarray, np.ndarray]:
+    """(K, H, W) probabilities -> the (K', H, W) of the labels reaching ``min_prob`` somewhere, and their (K',) ids."""
     keep = np.flatnonzero(probs.reshape(len(probs), -1).max(1) >= min_prob)  # (K',) label ids
     if len(keep) == 0:
         keep = np.arange(len(probs))
-    return keep[dense_crf(image, probs[keep], **crf).argmax(0)].astype(np.uint8)
+    return (probs if len(keep) == len(probs) else probs[keep]), keep
 
 
-def _crf_job(job: tuple[str, np.ndarray, np.ndarray, dict[str, float], float]) -> tuple[str, np.ndarray]:
-    """``(image id, (H, W, 3) uint8 image, (K, H, W) probs, CRF kwargs, min prob)`` -> ``(id, (H, W) uint8 labels)``."""
-    image_id, image, probs, params, min_prob = job
-    return image_id, crf_labels(image, probs, params, min_prob)
+def _crf_on_kept(image: np.ndarray, probs: np.ndarray, keep: np.ndarray, crf: dict[str, float]) -> np.ndarray:
+    return keep[dense_crf(image, probs, **crf).argmax(0)].astype(np.uint8)
+
+
+def crf_job(image_id: str, image: np.ndarray, probs: np.ndarray, crf: dict[str, float], min_prob: float) -> tuple:
+    """One image's job for :func:`_crf_job`: pruned here, so that only the kept probabilities travel to a worker."""
+    return image_id, image, *kept_labels(probs, min_prob), crf
+
+
+def _crf_job(job: tuple[str, np.ndarray, np.ndarray, np.ndarray, dict[str, float]]) -> tuple[str, np.ndarray]:
+    """``(image id, (H, W, 3) uint8 image, (K', H, W) kept probs, (K',) their ids, CRF kwargs)`` -> ``(id, labels)``."""
+    image_id, image, probs, keep, params = job
+    return image_id, _crf_on_kept(image, probs, keep, params)
 
 
 @dataclass(frozen=True)
@@ -192,7 +206,7 @@ class _ValScoring:
             iou = image_miou(multi[row], gt, data.num_classes)
             self.picks.add(iou, (image_id, images[row], single[row], multi[row]), self.order[image_id])
             if params.use_crf:
-                self.add_crf(crf.submit((image_id, images[row], probs[row], crf_args, params.crf_min_prob)))
+                self.add_crf(crf.submit(crf_job(image_id, images[row], probs[row], crf_args, params.crf_min_prob)))
 
     def add_crf(self, results: list[tuple[str, np.ndarray]]) -> None:
         """Score finished CRF labels ``(image id, (H, W) labels)``."""

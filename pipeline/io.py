@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.errors import DatasetError, one_line
@@ -94,10 +96,13 @@ def save_image_png(path: Path | str, image: np.ndarray) -> None:
         Image.fromarray(image).save(tmp, format="PNG")
 
 
-CAM_FORMAT = "wsss-cams/2"
-"""float16 maps, or 8-bit ones with a per-channel range; deflate level 1 (``wsss-cams/1``: float16, level 6)."""
+CAM_FORMAT = "wsss-cams/3"
+"""float16 maps, or 8-bit ones with a per-channel range, optionally at a lower resolution with the image's size;
+deflate level 1 (``wsss-cams/2``: always at the image's size; ``wsss-cams/1``: float16, deflate level 6)."""
 RANGE = ".range"
 """Suffix of the (K, 2) float32 ``[low, high]`` array stored beside each quantised (K, H, W) uint8 map."""
+SIZE = "size"
+"""Name of the (2,) int32 ``(H, W)`` array of an image whose maps are stored at a lower resolution."""
 LEVELS = 255
 
 
@@ -121,13 +126,31 @@ def dequantize_maps(codes: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return low[:, None, None] + codes.astype(np.float32) * step[:, None, None]  # (K, H, W)
 
 
+def shrink_maps(maps: np.ndarray, stride: int) -> np.ndarray:
+    """Average-pool (K, H, W) maps to (K, ceil(H / stride), ceil(W / stride)) float32 (``stride`` 1: unchanged)."""
+    if stride == 1:
+        return maps
+    h, w = maps.shape[1:]
+    size = (-(-h // stride), -(-w // stride))
+    pooled = F.adaptive_avg_pool2d(torch.from_numpy(np.asarray(maps, dtype=np.float32))[None], size)  # (1, K, h', w')
+    return pooled[0].numpy()
+
+
+def grow_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (K, h, w) -> (K, H, W) float32 maps at ``size = (H, W)`` (the size :func:`shrink_maps` was given)."""
+    grown = F.interpolate(torch.from_numpy(np.asarray(maps, dtype=np.float32))[None], size=size, mode="bilinear")
+    return grown[0].numpy()  # (K, H, W)
+
+
 class CamWriter:
     """Write per-image CAM arrays into ``.npz`` shards plus ``index.json``, replacing ``directory`` whole.
 
     Each image stores ``keys`` (class ids of the channels, background = 0 first) and one or more maps of shape
     (len(keys), H, W), e.g. ``cam`` and ``rcam``: float16, or with ``quantize`` 8-bit codes with each channel's
     range (:func:`quantize_maps`; ``benchmarks/cam_store.py`` measured a third of the bytes, faster writes,
-    seed mIoU within 1e-3). Shards are deflated at level 1 (as small as numpy's level 6 here, twice as fast),
+    seed mIoU within 1e-3). With ``stride`` > 1 the maps are stored average-pooled to 1/stride of the image's
+    side (1/stride² of the bytes) with the image's size, and :class:`CamStore` reads them back bilinearly at it.
+    Shards are deflated at level 1 (as small as numpy's level 6 here, twice as fast),
     in a background thread (zlib releases the GIL), one shard at a time while the next one fills: the caller
     (``cams``' main loop) does not wait for compression, and at most two shards are held in memory. A failed
     write is raised by the next flush or at the end.
@@ -136,10 +159,11 @@ class CamWriter:
     replaces ``directory`` when the block ends without an exception; otherwise ``directory`` keeps its old content.
     """
 
-    def __init__(self, directory: Path | str, shard_size: int, quantize: bool = False) -> None:
+    def __init__(self, directory: Path | str, shard_size: int, quantize: bool = False, stride: int = 1) -> None:
         self.directory = Path(directory)
         self.shard_size = shard_size
         self.quantize = quantize
+        self.stride = stride
         self._pending: dict[str, np.ndarray] = {}
         self._pending_ids: list[str] = []
         self._index: dict[str, str] = {}
@@ -170,7 +194,10 @@ class CamWriter:
         if "/" in image_id or image_id in self._index or image_id in self._pending_ids:
             raise ValueError(f"invalid or duplicate image id {image_id!r}")
         self._pending[f"{image_id}/keys"] = np.asarray(keys, dtype=np.int16)
+        if self.stride > 1 and maps:
+            self._pending[f"{image_id}/{SIZE}"] = np.array(next(iter(maps.values())).shape[1:], dtype=np.int32)
         for name, array in maps.items():
+            array = shrink_maps(array, self.stride)
             if self.quantize:
                 self._pending[f"{image_id}/{name}"], self._pending[f"{image_id}/{name}{RANGE}"] = quantize_maps(array)
             else:
@@ -245,7 +272,9 @@ class CamStore:
         return list(self._index)
 
     def load(self, image_id: str) -> dict[str, np.ndarray]:
-        """Return ``{"keys": ..., <map name>: ...}`` for one image (float16 maps as stored, 8-bit ones as float32).
+        """Return ``{"keys": ..., <map name>: ...}`` for one image, maps at the image's size.
+
+        float16 maps come as stored; 8-bit or lower-resolution ones as float32.
 
         Raises:
             DatasetError: If the image is not in the store, or its shard is missing or damaged.
@@ -271,4 +300,7 @@ class CamStore:
             raise DatasetError(f"CAM shard {shard} holds no arrays of image {image_id!r} ({self.AGAIN})")
         for name in [n for n in maps if n + RANGE in maps]:
             maps[name] = dequantize_maps(maps[name], maps.pop(name + RANGE))
+        if SIZE in maps:
+            size = tuple(int(v) for v in maps.pop(SIZE))
+            maps |= {name: grow_maps(array, size) for name, array in maps.items() if name != "keys"}
         return maps

@@ -59,6 +59,12 @@ class Shard:
             dist.gather_object(value, values, dst=0, group=self.group)
         return values or []
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here (nothing to wait for in one process)."""
+        if self.dist.world_size > 1:
+            with _peers_alive():
+                dist.barrier(group=self.group)
+
     def merged(self, results: Iterable[T], count: int, chunk: int = 1) -> Iterator[T]:
         """The results of all ranks' units, in the one-process order, on the main process (nothing elsewhere).
 

@@ -1,9 +1,11 @@
 """``train_aff``: train the PSA AffinityNet on confident affinity labels derived from the seeds.
 
 The labels come from the CAM store (two CRFs per image, :func:`confident_labels`, computed once in a process
-pool); ground truth is read only to report how good those labels are. Writes ``<model_dir>/model.safetensors``
-+ ``meta.json`` (everything ``refine`` needs), dvclive curves in ``<results_dir>`` and, after every epoch, a
-resumable checkpoint (deleted when training completes), like ``train_cls``.
+pool, shared out over the ranks of a ``torchrun`` launch) and are written as PNGs beside the checkpoint, which the
+training set reads; ground truth is read only to report how good those labels are. Writes
+``<model_dir>/model.safetensors`` + ``meta.json`` (everything ``refine`` needs), dvclive curves in
+``<results_dir>`` and, after every epoch, a resumable checkpoint (deleted when training completes), like
+``train_cls``.
 
 Only ``refine.method`` ``psa`` and ``psa_crf`` read the AffinityNet: for any other method the stage trains nothing
 and writes ``meta.json`` saying so (:func:`skip_affinity_net`), so that a run of the default CRF pipeline does
@@ -13,8 +15,8 @@ not spend its time on a model nobody reads. The stage depends on that one key (`
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -27,8 +29,9 @@ from pipeline import runtime, training
 from pipeline.config import PSA_METHODS, StageParams, TrainAffParams
 from pipeline.data.datasets import normalize, paste_crop
 from pipeline.data.layout import IGNORE, PreparedDataset
+from pipeline.data.seg_datasets import labels_fingerprint
 from pipeline.errors import DatasetError
-from pipeline.io import CamStore, write_json
+from pipeline.io import CamStore, load_label_png, save_label_png, write_json
 from pipeline.models.affinitynet import AffinityNet
 from pipeline.models.files import META, SKIPPED, save_model_dir
 from pipeline.outputs import replaced_dir
@@ -42,6 +45,7 @@ from pipeline.refinement.affinity import (
     radius_offsets,
 )
 from pipeline.refinement.seeds import choose_seed_map, open_cam_store
+from pipeline.shard import Shard
 
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("total", "bg", "fg", "neg")
@@ -57,12 +61,16 @@ def _label_job(job: tuple) -> np.ndarray:
 
 
 def make_affinity_labels(
-    data: PreparedDataset, store: CamStore, ids: list[str], cfg: TrainAffParams
-) -> tuple[list[np.ndarray], str]:
-    """Confident affinity labels for every image, computed in a process pool.
+    data: PreparedDataset, store: CamStore, ids: list[str], cfg: TrainAffParams, out_dir: Path, shard: Shard
+) -> str:
+    """Confident affinity labels of every image as ``<out_dir>/<id>.png``, shared out over the ranks.
+
+    Each rank of a ``torchrun`` launch computes its share (:meth:`Shard.mine`) in a process pool and writes it;
+    all ranks wait until every file exists (the training samples of a rank change with the epoch). The labels
+    stay on disk, not in memory (COCO's would take 25 GB) nor in the checkpoint.
 
     Returns:
-        ``(labels, seed_map)``: one (H, W) uint8 map per id, and the resolved seed map name.
+        The resolved seed map name.
 
     Raises:
         DatasetError: If the requested seed map is not in the store.
@@ -71,37 +79,42 @@ def make_affinity_labels(
         seed_map = choose_seed_map(list(store.load(ids[0])), cfg.seed_map)
     except ValueError as exc:
         raise DatasetError(f"{store.directory}: {exc} (train_aff.seed_map)") from None
+    if shard.is_main:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+    shard.barrier()
+    mine = shard.mine(ids)
 
     def jobs():
-        for image_id in ids:
+        for image_id in mine:
             entry = store.load(image_id)
             yield data.load_image(image_id), entry[seed_map].astype(np.float32), entry["keys"], cfg
 
     workers = resolve_workers(cfg.label_workers)
     started = time.perf_counter()
-    bar = tqdm(total=len(ids), desc="affinity labels", unit="img", disable=None, mininterval=2)
-    labels = []
-    for result in map_ordered(_label_job, jobs(), workers):
-        labels.append(result)
+    bar = tqdm(total=len(mine), desc="affinity labels", unit="img", disable=None if shard.is_main else True)
+    for image_id, label in zip(mine, map_ordered(_label_job, jobs(), workers), strict=True):
+        save_label_png(out_dir / f"{image_id}.png", label, data.palette)
         bar.update()
     bar.close()
+    shard.barrier()
     log.info(
-        "affinity labels (%s seeds) for %d images in %.1f s with %d process(es)",
+        "affinity labels (%s seeds) for %d images in %.1f s with %d process(es) per rank",
         seed_map,
         len(ids),
         time.perf_counter() - started,
         workers,
     )
-    return labels, seed_map
+    return seed_map
 
 
-def label_quality(data: PreparedDataset, ids: list[str], labels: list[np.ndarray]) -> dict[str, float]:
+def label_quality(data: PreparedDataset, ids: list[str], label_dir: Path) -> dict[str, float]:
     """Coverage (non-ignored fraction) and precision of the affinity labels against ground truth, if any."""
     labelled = correct = total = 0
-    for image_id, label in zip(ids, labels, strict=True):
+    for image_id in ids:
         if not data.mask_path(image_id).is_file():
             continue
-        gt = data.load_mask(image_id)
+        gt, label = data.load_mask(image_id), load_label_png(label_dir / f"{image_id}.png")
         scored = (label != IGNORE) & (gt != IGNORE)
         labelled += int(scored.sum())
         correct += int((label[scored] == gt[scored]).sum())
@@ -131,8 +144,8 @@ class AffinityTrainSet(Dataset):
 
     Args:
         data: The prepared dataset.
-        ids: Image ids, in the order of ``labels``.
-        labels: (H, W) uint8 affinity labels per image (255 = ignore).
+        ids: Image ids.
+        label_dir: The (H, W) uint8 affinity labels (255 = ignore) of every id, as ``<id>.png``.
         crop_size: Side of the square crops.
         flip: Random horizontal flips.
         mean: Normalisation mean.
@@ -144,14 +157,14 @@ class AffinityTrainSet(Dataset):
         self,
         data: PreparedDataset,
         ids: list[str],
-        labels: list[np.ndarray],
+        label_dir: Path,
         crop_size: int,
         flip: bool,
         mean: tuple[float, ...],
         std: tuple[float, ...],
         seed: int,
     ) -> None:
-        self.data, self.ids, self.labels = data, ids, labels
+        self.data, self.ids, self.label_dir = data, ids, label_dir
         self.crop_size, self.flip, self.mean, self.std, self.seed = crop_size, flip, mean, std, seed
         self.epoch = 0
 
@@ -161,7 +174,9 @@ class AffinityTrainSet(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """``image`` (3, S, S) normalised, ``labels`` (S, S) uint8."""
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image, labels = _crop(self.data.load_image(self.ids[index]), self.labels[index], self.crop_size, self.flip, rng)
+        image_id = self.ids[index]
+        labels = load_label_png(self.label_dir / f"{image_id}.png")
+        image, labels = _crop(self.data.load_image(image_id), labels, self.crop_size, self.flip, rng)
         return {
             "image": normalize(np.ascontiguousarray(image), self.mean, self.std),
             "labels": torch.from_numpy(np.ascontiguousarray(labels)),
@@ -251,23 +266,31 @@ def train_affinity_net(
     mean, std = tuple(params.data.mean), tuple(params.data.std)
     model = AffinityNet(**cfg.model.model_dump()).to(run.device)
     groups = training.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
-    labels, seed_map = make_affinity_labels(data, store, ids, cfg)
-    quality = label_quality(data, ids, labels)
+    label_dir = labels_beside(checkpoint)
+    seed_map = make_affinity_labels(data, store, ids, cfg, label_dir, Shard(run.dist))
+    quality = label_quality(data, ids, label_dir) if run.dist.is_main else {}
     gt_ids = [i for i in ids if data.mask_path(i).is_file()][:GT_EVAL_IMAGES]
     task = training.Task(
         "train_aff",
         model,
         training.make_optimizer(cfg.optimizer, groups, cfg.momentum),
-        AffinityTrainSet(data, ids, labels, cfg.crop_size, cfg.flip, mean, std, params.seed),
+        AffinityTrainSet(data, ids, label_dir, cfg.crop_size, cfg.flip, mean, std, params.seed),
         _loss_step(model, run.device, cfg.amp, radius_offsets(cfg.radius)),
         save=lambda trained: _save_model(trained, params, seed_map, model_dir),
         validate=lambda epoch: ground_truth_affinity(model, data, gt_ids, cfg.radius, mean, std, run.device),
         live_params={"seed_map": seed_map},
         static_metrics=quality,
     )
-    digest = f"{params.digest()}-{_fingerprint(labels)}"  # the labels too: they come from the CAM store
+    digest = f"{params.digest()}-{labels_fingerprint(label_dir, ids)}"  # the labels too: they come from the CAMs
     history = training.fit(task, training.Recipe.of(cfg, batch_size=batch_size), run, results_dir, checkpoint, digest)
+    if run.dist.is_main:
+        shutil.rmtree(label_dir, ignore_errors=True)
     return {**quality, **(history[-1] if history else {})}
+
+
+def labels_beside(checkpoint: Path) -> Path:
+    """Where a run's affinity labels go: beside its checkpoint (``checkpoints/train_aff_labels/``), deleted with it."""
+    return checkpoint.parent / f"{checkpoint.stem}_labels"
 
 
 def skip_affinity_net(method: str, model_dir: Path, results_dir: Path, checkpoint: Path) -> None:
@@ -289,6 +312,7 @@ def skip_affinity_net(method: str, model_dir: Path, results_dir: Path, checkpoin
         for term in LOSS_TERMS:
             (curves / f"loss_{term}.tsv").write_text(f"step\tloss_{term}\n")
     checkpoint.unlink(missing_ok=True)
+    shutil.rmtree(labels_beside(checkpoint), ignore_errors=True)
 
 
 def _loss_step(model: AffinityNet, device: torch.device, amp: bool, offsets: list[tuple[int, int]]) -> training.Step:
@@ -303,11 +327,3 @@ def _loss_step(model: AffinityNet, device: torch.device, amp: bool, offsets: lis
         return terms["total"], {f"loss_{name}": value for name, value in terms.items()}
 
     return step
-
-
-def _fingerprint(labels: list[np.ndarray]) -> str:
-    """A short hash of the affinity labels (a resumed run must train on the same ones)."""
-    digest = hashlib.sha256()
-    for label in labels:
-        digest.update(label.tobytes())
-    return digest.hexdigest()[:16]

@@ -89,14 +89,41 @@ def make_optimizer(kind: str, groups: list, momentum: float = 0.9) -> torch.opti
     return torch.optim.AdamW(groups)
 
 
-def check_finite(value: torch.Tensor, step: int, name: str = "loss") -> None:
-    """Stop with the step number when a loss is NaN or infinite.
+SYNC_EVERY = 20
+"""Steps between the training loop's host syncs (finiteness, the progress bar's loss); also at every epoch's end."""
 
-    Raises:
-        TrainingError: If ``value`` is not finite.
+
+class FiniteWatch:
+    """Notes on the device the first step whose loss is NaN or infinite; :meth:`check` reads it (one host sync).
+
+    The training loop calls :meth:`add` every step without waiting for the GPU and :meth:`check` every
+    :data:`SYNC_EVERY` steps: a non-finite loss still stops the run with its exact step, a few steps later, and
+    before anything is saved (weights are checked before every save too).
     """
-    if not torch.isfinite(value).all():
-        raise TrainingError(f"{name} became {value.item()} at step {step}; stopping (try a lower learning rate)")
+
+    def __init__(self, device: torch.device, name: str = "loss") -> None:
+        self.name = name
+        self.step = torch.full((), -1, dtype=torch.long, device=device)  # () first bad step, -1: none yet
+        self.value = torch.zeros((), device=device)  # () its value
+
+    def add(self, value: torch.Tensor, step: int) -> None:
+        """Record ``value`` (a loss) of ``step`` if it is the first non-finite one; no host sync."""
+        value = value.detach().float()
+        first = ~torch.isfinite(value).all() & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.value = torch.where(first, value.sum(), self.value)  # a NaN or infinity carries into the sum
+
+    def check(self) -> None:
+        """Stop with the step number if a recorded value was NaN or infinite.
+
+        Raises:
+            TrainingError: Naming the first non-finite step and its value.
+        """
+        step = int(self.step)
+        if step >= 0:
+            raise TrainingError(
+                f"{self.name} became {float(self.value)} at step {step}; stopping (try a lower learning rate)"
+            )
 
 
 def check_weights(model: nn.Module, name: str, epoch: int) -> None:
@@ -316,6 +343,7 @@ def fit(task: Task, recipe: Recipe, run: Run, results_dir: Path, checkpoint: Pat
     state = resume(checkpoint, digest, trainables)
     start, history = (state["epoch"], list(state["history"])) if state else (0, [])
     net = _parallel(task, run)
+    torch.backends.cudnn.benchmark = run.device.type == "cuda"  # every trainer's crops have one fixed size
     live = _open_live(task, run, results_dir, start, history)
     task.model.train()
     for epoch in range(start, recipe.epochs):
@@ -345,21 +373,26 @@ def _train_epoch(
     task.trainset.epoch = epoch
     per_rank = recipe.batch_size // run.dist.world_size
     batches = list(epoch_indices(len(task.trainset), run.seed, epoch, run.dist, per_rank))
-    loader = DataLoader(task.trainset, batch_sampler=batches, num_workers=recipe.num_workers)
-    sums: dict[str, float] = {}
+    cuda = run.device.type == "cuda"
+    loader = DataLoader(task.trainset, batch_sampler=batches, num_workers=recipe.num_workers, pin_memory=cuda)
+    sums: dict[str, torch.Tensor] = {}
     started = time.perf_counter()
     desc = f"{task.name} epoch {epoch + 1}/{recipe.epochs}"
     bar = tqdm(loader, desc=desc, unit="step", disable=None if run.dist.is_main else True, mininterval=2)
-    for batch in bar:
+    watch = FiniteWatch(run.device)
+    for done, batch in enumerate(bar, 1):
         loss, terms = task.step(net, batch)
-        check_finite(loss, step)
+        watch.add(loss, step)
         _update(trainables, loss, recipe.grad_clip)
         step += 1
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.item()
-        rate = recipe.batch_size * bar.n / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}", refresh=False)
-    record: dict[str, float] = {f"train/{name}": total / len(batches) for name, total in sums.items()}
+        for name, value in terms.items():  # summed on the device in float64: as exact as Python floats
+            term = value.detach().double()
+            sums[name] = term if name not in sums else sums[name] + term
+        if done % SYNC_EVERY == 0 or done == len(batches):
+            watch.check()
+            rate = recipe.batch_size * done / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}", refresh=False)
+    record: dict[str, float] = {f"train/{name}": total.item() / len(batches) for name, total in sums.items()}
     record["train/lr"] = trainables.optimizer.param_groups[0]["lr"]
     record["train/images_per_s"] = len(batches) * recipe.batch_size / (time.perf_counter() - started)
     return record

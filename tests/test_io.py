@@ -12,11 +12,13 @@ from pipeline.io import (
     CamWriter,
     atomic_path,
     dequantize_maps,
+    grow_maps,
     load_label_png,
     quantize_maps,
     read_json,
     save_image_png,
     save_label_png,
+    shrink_maps,
     write_json,
 )
 
@@ -131,7 +133,33 @@ def test_cam_store_round_trip_across_shards(tmp_path, quantize):
             else:
                 assert loaded[name].dtype == np.float16
                 np.testing.assert_array_equal(loaded[name], maps[name].astype(np.float16))
-    assert read_json(tmp_path / "cams/index.json")["format"] == "wsss-cams/2"
+    assert read_json(tmp_path / "cams/index.json")["format"] == "wsss-cams/3"
+
+
+def test_shrink_and_grow_maps_hand_case():
+    maps = np.arange(20, dtype=np.float32).reshape(1, 4, 5)  # (1, 4, 5): rows 0-4, 5-9, 10-14, 15-19
+    assert shrink_maps(maps, 1) is maps
+    small = shrink_maps(maps, 2)  # (1, 2, 3): ceil(4 / 2), ceil(5 / 2); adaptive bins of columns {0,1} {2} {3,4}
+    assert small.shape == (1, 2, 3)
+    assert small[0, 0].tolist() == [3.0, 4.5, 6.0]  # mean of rows 0-1 over columns 0-1 = (0+1+5+6) / 4
+    grown = grow_maps(np.array([[[1.0, 3.0]]]), (1, 4))  # bilinear, half-pixel centres: 1, 1.5, 2.5, 3
+    assert grown.tolist() == [[[1.0, 1.5, 2.5, 3.0]]]
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_a_strided_store_reads_back_at_the_image_size(tmp_path, quantize):
+    yy, xx = np.mgrid[0:12, 0:10]  # smooth maps: a stride of 2 loses little
+    cam = np.stack([yy / 11, xx / 9, (yy + xx) / 19]).astype(np.float32)  # (3, 12, 10)
+    with CamWriter(tmp_path / "cams", shard_size=2, quantize=quantize, stride=2) as writer:
+        writer.add("a", np.array([0, 3, 7]), {"cam": cam, "rcam": 1 - cam})
+    with np.load(next((tmp_path / "cams").glob("*.npz"))) as archive:
+        assert archive["a/cam"].shape == (3, 6, 5) and archive["a/size"].tolist() == [12, 10]
+    loaded = CamStore(tmp_path / "cams").load("a")
+    assert set(loaded) == {"keys", "cam", "rcam"}
+    for name, full in (("cam", cam), ("rcam", 1 - cam)):
+        assert loaded[name].shape == (3, 12, 10) and loaded[name].dtype == np.float32
+        interior = np.abs(loaded[name] - full)[:, 1:-1, 1:-1]  # linear maps come back exactly away from the border
+        assert interior.max() <= (2 / 510 if quantize else 1e-3) + 1e-6
 
 
 def test_quantized_maps_hand_case():

@@ -82,6 +82,7 @@ def test_train_aff_artifacts(tiny_run):
     rows = (tiny_run / "results/train_aff/plots/metrics/train/loss_total.tsv").read_text().splitlines()
     assert len(rows) == 1 + 2, "one header + one row per epoch"
     assert not (tiny_run / "aff.pt").exists(), "the checkpoint is deleted once training completes"
+    assert not (tiny_run / "aff_labels").exists(), "so are the affinity labels beside it"
 
 
 def test_refine_writes_one_label_per_image_with_the_image_classes(tiny_run):

@@ -20,7 +20,7 @@ from pipeline import checkpoint
 from pipeline import evaluate as evaluate_module
 from pipeline.config import CrfParams, EvaluateParams, Params, load_sections
 from pipeline.data.layout import IGNORE, PreparedDataset
-from pipeline.evaluate import _crf_job, crf_labels, evaluate_segmenter
+from pipeline.evaluate import _crf_job, crf_job, crf_labels, evaluate_segmenter
 from pipeline.io import CamWriter, save_label_png, write_json
 from pipeline.models.deeplab import build_segmenter, save_segmenter
 from pipeline.parallel import OrderedPool
@@ -248,7 +248,8 @@ def test_crf_in_worker_processes_matches_the_serial_crf():
     results = {}
     for workers in (0, 2):
         with OrderedPool(_crf_job, workers, in_flight=2) as pool:
-            done = [item for job in jobs for item in pool.submit((*job, params.model_dump(), 0.0))] + pool.drain()
+            done = [item for job in jobs for item in pool.submit(crf_job(*job, params.model_dump(), 0.0))]
+            done += pool.drain()
         results[workers] = done
     assert [key for key, _ in results[2]] == [key for key, *_ in jobs], "results come back in submission order"
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(results[0], results[2], strict=True))

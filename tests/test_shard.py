@@ -75,11 +75,14 @@ def test_merged_seed_counts_equal_one_process():
     assert np.array_equal(merged.sweep_confusions, whole.sweep_confusions)
 
 
-def test_size_batches_group_like_same_size_batches():
-    shapes = {"a": (4, 4), "b": (4, 4), "c": (4, 4), "d": (5, 4), "e": (4, 4), "f": (4, 4)}
+def test_size_batches_bucket_by_size():
+    shapes = {"a": (4, 4), "b": (4, 4), "c": (4, 4), "d": (5, 4), "e": (4, 4), "f": (4, 4), "g": (5, 4)}
     ids = list(shapes)
-    loaded = [group for group, _ in same_size_batches(ids, lambda i: np.zeros((*shapes[i], 3)), 2)]
-    assert size_batches(ids, shapes.__getitem__, 2) == loaded == [["a", "b"], ["c"], ["d"], ["e", "f"]]
+    assert size_batches(ids, shapes.__getitem__, 2) == [["a", "b"], ["c", "e"], ["f"], ["d", "g"]]
+    assert size_batches(ids, shapes.__getitem__, 8) == [["a", "b", "c", "e", "f"], ["d", "g"]]
+    one_size = {"a": (4, 4), "b": (4, 4), "c": (4, 4)}  # the synthetic benchmark: the old consecutive batches
+    loaded = [group for group, _ in same_size_batches(list(one_size), lambda i: np.zeros((*one_size[i], 3)), 2)]
+    assert size_batches(list(one_size), one_size.__getitem__, 2) == loaded == [["a", "b"], ["c"]]
 
 
 def test_ranks_that_disagree_are_one_line():

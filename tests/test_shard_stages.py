@@ -1,4 +1,5 @@
-"""``cams``, ``refine`` and ``evaluate`` on 2 ranks (gloo on CPU) write what one process writes.
+"""``cams``, ``refine`` and ``evaluate`` on 2 ranks (gloo on CPU) write what one process writes; ``train_aff``'s
+label pass, shared out over 2 ranks, gives one process's labels.
 
 Each stage runs once alone and once sharded over two processes, on the same inputs: ``cams`` and ``evaluate``
 under ``torchrun --nproc_per_node 2``, ``refine`` through ``WSSS_NPROC_PER_NODE=2`` (the relaunch ``dvc repro``
@@ -9,6 +10,7 @@ CAM shards (6 images) cross the ranks' batches, and ``cams``'s val mAP (one batc
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -152,3 +154,22 @@ def test_evaluate_on_two_ranks_writes_what_one_process_writes(workspace):
     one = files(workspace / "one/results_evaluate")
     assert {"metrics.json", "confusion.json", "plots/images/gallery.png"} <= one.keys()
     assert files(workspace / "two/results_evaluate") == one
+
+
+def test_train_aff_labels_on_two_ranks_are_one_process_labels(workspace):
+    if not (workspace / "one/cams/index.json").is_file():
+        wsss(workspace, *cams_args(workspace, "one"))
+    params = write_params(workspace / "psa.yaml", tiny_params_dict(**{**SHARDED, "refine": {"method": "psa"}}))
+
+    def train_aff(name: str, **launch) -> dict:
+        out = workspace / name
+        wsss(
+            workspace, "train_aff", "--params", params, "--data", workspace / "prepared", "--cams",
+            workspace / "one/cams", "--model-dir", out / "aff", "--results", out / "results_aff",
+            "--checkpoint", out / "aff.pt", **launch,
+        )  # fmt: skip
+        assert not (out / "aff_labels").exists(), "the labels go with the checkpoint"
+        return json.loads((out / "results_aff/metrics.json").read_text())["labels"]
+
+    one, two = train_aff("one"), train_aff("two", torchrun=True)
+    assert one == two and 0 < one["coverage"] <= 1  # 20 images' labels, 10 made by each rank

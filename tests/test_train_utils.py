@@ -6,10 +6,10 @@ from pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set
 from pipeline.errors import CheckpointError, TrainingError
 from pipeline.runtime import Dist, resolve_device
 from pipeline.training import (
+    FiniteWatch,
     Recipe,
     Run,
     Task,
-    check_finite,
     check_weights,
     epoch_indices,
     fit,
@@ -80,12 +80,18 @@ def test_param_groups():
     assert settings(model.relative_position_bias_table) == (pytest.approx(0.1), 0.0)
 
 
-def test_check_finite():
-    check_finite(torch.tensor(1.5), step=3)
-    with pytest.raises(TrainingError, match="step 17"):
-        check_finite(torch.tensor(float("nan")), step=17)
-    with pytest.raises(TrainingError, match=r"gsc became inf at step 4"):
-        check_finite(torch.tensor(float("inf")), step=4, name="gsc")
+def test_finite_watch_names_the_first_bad_step():
+    watch = FiniteWatch(torch.device("cpu"))
+    watch.add(torch.tensor(1.5), step=3)
+    watch.check()
+    watch.add(torch.tensor(float("inf")), step=4)
+    watch.add(torch.tensor(float("nan")), step=5)  # not the first: step 4 is reported
+    with pytest.raises(TrainingError, match=r"^loss became inf at step 4;"):
+        watch.check()
+    vector = FiniteWatch(torch.device("cpu"), name="gsc")
+    vector.add(torch.tensor([0.5, float("nan"), 1.0]), step=17)
+    with pytest.raises(TrainingError, match=r"^gsc became nan at step 17;"):
+        vector.check()
 
 
 def test_epoch_indices_single_process():

@@ -188,14 +188,22 @@ def same_size_batches(
 
 
 def size_batches(ids: list[str], size: Callable[[str], tuple[int, int]], batch_size: int) -> list[list[str]]:
-    """The id groups of :func:`same_size_batches`, from image sizes alone (e.g. read from file headers).
+    """Batches of same-size images, from image sizes alone (e.g. read from file headers): bucketed by size.
+
+    Every image of one size goes into that size's bucket (sizes in order of first appearance, ids in order within
+    a bucket), each cut into batches of ``batch_size`` and a last, smaller one. On VOC, where consecutive images
+    rarely share a size, this fills the batches (64 stand-in images: 12 batches instead of 47 consecutive runs)
+    and keeps the ranks of a sharded stage in step (their batches have the same sizes).
 
     Args:
         ids: Image ids in order.
         size: Returns the ``(H, W)`` of an id.
-        batch_size: Largest group.
+        batch_size: Largest batch.
     """
-    return list(consecutive_groups(ids, size, batch_size))
+    buckets: dict[tuple[int, int], list[str]] = {}
+    for image_id in ids:
+        buckets.setdefault(tuple(size(image_id)), []).append(image_id)
+    return [bucket[k : k + batch_size] for bucket in buckets.values() for k in range(0, len(bucket), batch_size)]
 
 
 def consecutive_groups(items: Iterable[T], key: Callable[[T], object], size: int) -> Iterator[list[T]]:
