@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline import runtime
 from pipeline.config import CamsParams, SeedLocating
-from pipeline.data.datasets import ClassificationEvalSet, normalize, size_batches
+from pipeline.data.datasets import ClassificationEvalSet, index_batches, normalize, size_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.errors import DatasetError, ModelError
 from pipeline.io import CamWriter
@@ -31,9 +31,9 @@ from pipeline.models.files import check_classes
 from pipeline.models.swtformer import (
     Features,
     SWTformer,
-    classifier_scores,
     load_classifier,
     max_norm,
+    shared_classifier_scores,
     with_background,
 )
 from pipeline.relevance import multiscale_relevance
@@ -284,12 +284,9 @@ def _val_scores(
         The whole split's scores and labels on the main process; ``None`` on the others.
     """
     valset = ClassificationEvalSet(data, "val", meta["img_size"], tuple(meta["mean"]), tuple(meta["std"]))
-    plan = [list(range(start, min(start + 16, len(valset)))) for start in range(0, len(valset), 16)]
+    plan = index_batches(len(valset), 16)
     loader = DataLoader(valset, batch_sampler=shard.mine(plan))
-    parts = list(shard.merged((classifier_scores(model, [batch], device, True) for batch in loader), len(plan)))
-    if not shard.is_main:
-        return None
-    return np.concatenate([s for s, _ in parts]), np.concatenate([t for _, t in parts])
+    return shared_classifier_scores(model, loader, len(plan), device, True, shard)
 
 
 def aream_settings(meta: dict) -> dict[str, int] | None:

@@ -7,6 +7,7 @@ labels are palette PNGs, metadata is JSON.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import zipfile
@@ -88,6 +89,16 @@ def load_label_png(path: Path | str) -> np.ndarray:
         if image.mode not in ("P", "L"):
             raise ValueError(f"{path}: label PNG must be palette or greyscale, got mode {image.mode}")
         return np.asarray(image, dtype=np.uint8).copy()
+
+
+def labels_fingerprint(label_dir: Path, ids: list[str]) -> str:
+    """A short hash of the label PNGs ``<label_dir>/<id>.png`` of ``ids`` (a checkpoint on others is not resumed)."""
+    digest = hashlib.sha256()
+    for image_id in ids:
+        path = label_dir / f"{image_id}.png"
+        digest.update(image_id.encode())
+        digest.update(path.read_bytes() if path.is_file() else b"missing")
+    return digest.hexdigest()[:16]
 
 
 def save_image_png(path: Path | str, image: np.ndarray) -> None:

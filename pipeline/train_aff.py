@@ -29,9 +29,8 @@ from pipeline import runtime, training
 from pipeline.config import PSA_METHODS, StageParams, TrainAffParams
 from pipeline.data.datasets import normalize, paste_crop
 from pipeline.data.layout import IGNORE, PreparedDataset
-from pipeline.data.seg_datasets import labels_fingerprint
 from pipeline.errors import DatasetError
-from pipeline.io import CamStore, load_label_png, save_label_png, write_json
+from pipeline.io import CamStore, labels_fingerprint, load_label_png, save_label_png, write_json
 from pipeline.models.affinitynet import AffinityNet
 from pipeline.models.files import META, SKIPPED, save_model_dir
 from pipeline.outputs import replaced_dir

@@ -17,13 +17,15 @@ from torch.utils.data import DataLoader
 from pipeline import runtime, training
 from pipeline.aream import aream_terms
 from pipeline.config import StageParams
-from pipeline.data.datasets import ClassificationEvalSet, ClassificationTrainSet
+from pipeline.data.datasets import ClassificationEvalSet, ClassificationTrainSet, index_batches
 from pipeline.data.layout import PreparedDataset
 from pipeline.errors import ConfigError
 from pipeline.losses import deit_loss, swtformer_loss
+from pipeline.metrics import classification_map
 from pipeline.models.files import save_model_dir
-from pipeline.models.swtformer import build_model, evaluate_classifier
+from pipeline.models.swtformer import build_model, shared_classifier_scores
 from pipeline.refinement.par import PAR
+from pipeline.shard import Shard
 
 
 def label_mask(valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -84,9 +86,13 @@ def train_classifier(
         cfg.cache_images,
     )
     valset = ClassificationEvalSet(data, "val", cfg.crop_size, mean, std)
+    plan = index_batches(len(valset), cfg.batch_size)
+    shard = Shard(run.dist)  # under torchrun every process scores its share of val's batches
     # its own generator: loading the val set must not move the global RNG that initialises the model
-    val_loader = DataLoader(valset, cfg.batch_size, num_workers=cfg.num_workers, generator=torch.Generator())
-    val_batches = list(val_loader) if cfg.cache_images and run.dist.is_main else val_loader  # deterministic
+    val_loader = DataLoader(
+        valset, batch_sampler=shard.mine(plan), num_workers=cfg.num_workers, generator=torch.Generator()
+    )
+    val_batches = list(val_loader) if cfg.cache_images else val_loader  # deterministic
     model = build_model(data.num_classes - 1, cfg.crop_size, **params.model.model_dump()).to(run.device)
     check_aream_split(params, model)
     groups = training.param_groups(model, model.new_modules(), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
@@ -97,8 +103,9 @@ def train_classifier(
         trainset,
         _loss_step(run.device, cfg.amp, params.model.arch, params.loss.model_dump(), lambda: trainset.epoch),
         save=lambda trained: save_model_dir(model_dir, trained, _meta(params, data)),
-        validate=lambda epoch: _validate(model, val_batches, run.device, cfg.amp),
+        validate=lambda epoch: _validate(model, val_batches, len(plan), run.device, cfg.amp, shard),
         find_unused_parameters=_has_unused_parameters(params),
+        validate_everywhere=True,
     )
     history = training.fit(
         task, training.Recipe.of(cfg, batch_size=batch_size), run, results_dir, checkpoint, params.digest()
@@ -171,5 +178,9 @@ def _loss_step(
     return step
 
 
-def _validate(model: torch.nn.Module, batches: Any, device: torch.device, amp: bool) -> dict[str, float]:
-    return {f"val/{name}": value for name, value in evaluate_classifier(model, batches, device, amp).items()}
+def _validate(
+    model: torch.nn.Module, batches: Any, count: int, device: torch.device, amp: bool, shard: Shard
+) -> dict[str, float]:
+    """Val mAP of the classifier, its batches shared by the ranks; the metrics on the main process, ``{}`` elsewhere."""
+    scores = shared_classifier_scores(model, batches, count, device, amp, shard)
+    return {} if scores is None else {f"val/{name}": value for name, value in classification_map(*scores).items()}

@@ -18,7 +18,8 @@ from pipeline import runtime, training
 from pipeline.config import StageParams, TrainSegParams
 from pipeline.data.datasets import normalize, size_batches
 from pipeline.data.layout import PreparedDataset
-from pipeline.data.seg_datasets import SegmentationTrainSet, labels_fingerprint
+from pipeline.data.seg_datasets import SegmentationTrainSet
+from pipeline.io import labels_fingerprint
 from pipeline.metrics import confusion_matrix, iou_report, mean_iou
 from pipeline.models.deeplab import Segmenter, build_segmenter, predict_probs, save_segmenter, segmentation_loss
 from pipeline.shard import Shard

@@ -8,18 +8,25 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import subprocess_env, tiny_params_dict, write_params
+from torch.utils.data import DataLoader
 
 from pipeline.config import Params
+from pipeline.data.datasets import ClassificationEvalSet
+from pipeline.data.layout import PreparedDataset
+from pipeline.metrics import classification_map
+from pipeline.models.swtformer import classifier_scores, load_classifier
 from pipeline.prepare import prepare
 from pipeline.training import warmup_decay
 
 pytestmark = pytest.mark.slow  # torchrun with two processes
 
-# 4 images, a global batch of 4 (2 per process), 2 epochs: one optimiser step per epoch, two in all
+# 4 images, a global batch of 4 (2 per process), 2 epochs: one optimiser step per epoch, two in all; val's 12 images
+# make 3 batches of 4: rank 0 scores two, rank 1 one
 DDP = {
-    "data": {"synthetic": {"num_train": 4, "num_val": 4}},
+    "data": {"synthetic": {"num_train": 4, "num_val": 12}},
     "train_cls": {"epochs": 2, "batch_size": 4, "warmup_epochs": 0.0, "device": "cpu", "threads": 1},
 }
 
@@ -82,3 +89,15 @@ def test_exactly_two_optimiser_steps(ddp_run):
     metrics = json.loads((root / "results" / "metrics.json").read_text())
     assert 0 <= metrics["val"]["map_classwise"] <= 1
     assert metrics["train"]["loss_total"] > 0
+
+
+def test_val_map_shared_by_the_two_processes_equals_one_process(ddp_run):
+    root, cfg, result = ddp_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    model, meta = load_classifier(root / "model", torch.device("cpu"))
+    data = PreparedDataset.open(root / "prepared")
+    valset = ClassificationEvalSet(data, "val", meta["img_size"], meta["mean"], meta["std"])
+    batches = DataLoader(valset, cfg.train_cls.batch_size)
+    one_process = classification_map(*classifier_scores(model, batches, torch.device("cpu"), amp=False))
+    logged = json.loads((root / "results" / "metrics.json").read_text())["val"]
+    assert logged == pytest.approx(one_process, abs=1e-6) and len(valset) == 12

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import typer
 
-from pipeline.data.datasets import same_size_batches, size_batches
+from pipeline.data.datasets import index_batches, same_size_batches, size_batches
 from pipeline.metrics import SeedEvaluator, threshold_grid
 from pipeline.parallel import resolve_workers
 from pipeline.runtime import Dist
@@ -73,6 +73,10 @@ def test_merged_seed_counts_equal_one_process():
     merged = SeedEvaluator.merged(parts)
     assert np.array_equal(merged.argmax_confusion, whole.argmax_confusion)
     assert np.array_equal(merged.sweep_confusions, whole.sweep_confusions)
+
+
+def test_index_batches():
+    assert index_batches(5, 2) == [[0, 1], [2, 3], [4]] and index_batches(0, 3) == []
 
 
 def test_size_batches_bucket_by_size():

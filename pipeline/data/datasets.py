@@ -206,6 +206,11 @@ def size_batches(ids: list[str], size: Callable[[str], tuple[int, int]], batch_s
     return [bucket[k : k + batch_size] for bucket in buckets.values() for k in range(0, len(bucket), batch_size)]
 
 
+def index_batches(count: int, batch_size: int) -> list[list[int]]:
+    """``[[0, ..., batch_size - 1], [batch_size, ...], ...]``: a split of ``count`` items in batches, in order."""
+    return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+
+
 def consecutive_groups(items: Iterable[T], key: Callable[[T], object], size: int) -> Iterator[list[T]]:
     """Runs of consecutive items with equal ``key``, cut into groups of at most ``size``."""
     group: list[T] = []

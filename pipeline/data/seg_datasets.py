@@ -6,7 +6,6 @@ index])``, so a sample is a pure function of (seed, epoch, index) and a resumed 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -51,16 +50,6 @@ def load_pseudo_label(path: Path, num_classes: int, shape: tuple[int, int]) -> n
             f"(and {IGNORE} = ignore)"
         )
     return label
-
-
-def labels_fingerprint(label_dir: Path, ids: list[str]) -> str:
-    """A short hash of the pseudo-label files of ``ids`` (a checkpoint made on other labels is not resumed)."""
-    digest = hashlib.sha256()
-    for image_id in ids:
-        path = label_dir / f"{image_id}.png"
-        digest.update(image_id.encode())
-        digest.update(path.read_bytes() if path.is_file() else b"missing")
-    return digest.hexdigest()[:16]
 
 
 def random_scale_flip_crop(

@@ -26,7 +26,6 @@ from torch import nn
 from pipeline import runtime
 from pipeline.aream import fused_affinity, reactivate_steps, window_walk
 from pipeline.errors import ModelError, one_line
-from pipeline.metrics import classification_map
 from pipeline.models.backbone import SwinBackbone, build_backbone
 from pipeline.models.files import META, load_weights, read_model_dir, retrain_hint
 from pipeline.models.window_attention import record_window_attention
@@ -336,17 +335,6 @@ def build_model(
     return SWTformer(trunk, num_classes, **heads)
 
 
-def evaluate_classifier(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, amp: bool
-) -> dict[str, float]:
-    """Class-wise and sample-wise mAP of the classifier's sigmoid scores on batches of ``ClassificationEvalSet``.
-
-    ``model`` is an :class:`SWTformer` or a :class:`pipeline.models.deit.DeiTClassifier` (anything with
-    ``classify``: GAP of the CAM head for SWTformer, the class token for DeiT).
-    """
-    return classification_map(*classifier_scores(model, batches, device, amp))
-
-
 @torch.no_grad()
 def classifier_scores(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, amp: bool
@@ -365,6 +353,29 @@ def classifier_scores(
         targets.append(batch["labels"].numpy())
     model.train(was_training)
     return np.concatenate(scores), np.concatenate(targets)
+
+
+def shared_classifier_scores(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], count: int, device: torch.device, amp: bool, shard
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`classifier_scores` of a split whose batches are shared out by rank, merged in order on rank 0.
+
+    Args:
+        model: The classifier.
+        batches: This rank's batches (``shard.mine`` of the split's batches), in order.
+        count: The number of batches of the whole split.
+        device: Where the model runs.
+        amp: Autocast on CUDA.
+        shard: The :class:`pipeline.shard.Shard` of the run (one process: every batch).
+
+    Returns:
+        The whole split's (N, C) scores and labels, in the one-process order, on the main process; ``None`` on the
+        others.
+    """
+    parts = list(shard.merged((classifier_scores(model, [batch], device, amp) for batch in batches), count))
+    if not shard.is_main:
+        return None
+    return np.concatenate([s for s, _ in parts]), np.concatenate([t for _, t in parts])
 
 
 def load_classifier(model_dir: Path | str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
