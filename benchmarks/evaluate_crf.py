@@ -10,7 +10,7 @@ probabilities (how many labels an image's pixels ever give a non-negligible prob
   (:class:`OrderedPool`, default one per core), as ``evaluate`` runs it.
 
 Also prints how many labels the threshold keeps per image, and the share of the labels absent from an image's
-ground truth that it keeps (``benchmarks/full_run_cost.py --absent-kept`` projects COCO's CRF with it).
+ground truth that it keeps (``ABSENT_KEPT`` in ``benchmarks/full_run_cost.py`` projects COCO's CRF with it).
 
 Prints both times, the ratio (target >= 1.8 on 2 cores), the mIoU of each against the ground truth and their
 difference (target <= 1e-3), and the pixel agreement; exits with 1 if the mIoUs differ by more than 1e-3.
@@ -35,7 +35,7 @@ from PIL import Image
 
 from pipeline.config import load_params
 from pipeline.data.datasets import normalize
-from pipeline.data.layout import PreparedDataset
+from pipeline.data.layout import IGNORE, PreparedDataset
 from pipeline.evaluate import _crf_job, crf_job, crf_labels
 from pipeline.metrics import confusion_matrix, iou_report
 from pipeline.models.deeplab import load_segmenter, predict_probs
@@ -106,7 +106,7 @@ def main() -> None:
 
     masks = [mask for *_, mask in inputs]
     kept = [p.reshape(labels, -1).max(1) >= min_prob for _, _, p, _ in inputs]  # (K,) per image
-    present = [np.isin(np.arange(labels), mask[mask != 255]) for mask in masks]  # (K,) per image
+    present = [np.isin(np.arange(labels), mask[mask != IGNORE]) for mask in masks]  # (K,) per image
     absent_kept = sum((k & ~g).sum() for k, g in zip(kept, present, strict=True)) / sum((~g).sum() for g in present)
     serial_miou, ours_miou = miou(serial, masks, labels), miou(ours, masks, labels)
     agreement = np.mean([np.mean(a == b) for a, b in zip(serial, ours, strict=True)])

@@ -46,8 +46,8 @@ def stage_args(stage: str, args: argparse.Namespace, params: Path, out: Path, ca
     return [str(a) for a in (stage, *common, *outputs[stage], "--results", out / f"results_{stage}")]
 
 
-def voc_setup(args: argparse.Namespace, raw: dict, root: Path) -> dict:
-    """``--voc``: a prepared VOC stand-in and a classifier under ``root``; ``args`` pointed at them; the params."""
+def voc_setup(args: argparse.Namespace, raw: dict, root: Path) -> None:
+    """``--voc``: a prepared VOC stand-in and a classifier under ``root``; ``args`` and ``raw`` pointed at them."""
     from pipeline.data.standin import write_standin
 
     write_standin("voc", root / "raw", args.voc, workers=os.cpu_count())
@@ -65,7 +65,6 @@ def voc_setup(args: argparse.Namespace, raw: dict, root: Path) -> dict:
     timed([*cli, "prepare", "--params", str(params), "--out", str(args.data)], root)
     timed([*cli, "train_cls", "--params", str(params), "--data", str(args.data), "--model-dir", str(args.cls),
            "--results", str(root / "results_train_cls"), "--checkpoint", str(root / "cls.pt")], root)  # fmt: skip
-    return raw
 
 
 def train_seg(args: argparse.Namespace, params: Path, pseudo: Path, root: Path) -> None:
@@ -105,7 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.voc:
-            raw = voc_setup(args, raw, root)
+            voc_setup(args, raw, root)
         for section, values in PER_PROCESS.items():
             raw[section] = {**raw[section], **values}
             if args.batch and section != "refine":
