@@ -4,8 +4,8 @@ Every section of ``params.yaml`` has a pydantic model here with ``extra="forbid"
 type or an out-of-range value stops the run before any work with a :class:`ConfigError` naming the file, the
 dotted key, the bad value and what is allowed. Types are strict (a number is never read from a string or a bool;
 an integer is accepted where a float is expected), every float is finite, a list that needs items has at least
-one, and a key written twice in one mapping is refused. Every top-level section must be present (a file missing
-one is refused, naming it); inside a section, a key left out takes its default. A stage asks only for the
+one, and a key written twice in one mapping is refused. Every top-level section but ``pretrain`` must be present (a
+file missing one is refused, naming it); inside a section, a key left out takes its default. A stage asks only for the
 sections its ``dvc.yaml`` entry declares (:func:`load_sections`); the other sections are validated but not
 handed out.
 
@@ -572,11 +572,38 @@ class EvaluateParams(AmpRuntime):
     crf_min_prob: Annotated[float, Field(ge=0, lt=1)] = 0.01
 
 
+class PretrainParams(Schedule, AmpRuntime):
+    """Formula-driven pretraining of the classifier's encoder on fractal categories (``wsss pretrain``).
+
+    Not a stage of the DAG: its weights ship in ``weights/`` and ``model.pretrained`` names them. The encoder is
+    the one ``model`` describes (the Swin of ``model.swin``, or the ViT of ``model.vit`` with ``model.arch: deit``),
+    at the size ``train_cls`` fine-tunes it.
+    """
+
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] = 0
+    categories: Annotated[int, Field(ge=2)] = 64
+    instances: PositiveInt = 50
+    val_instances: PositiveInt = 5
+    image_size: Annotated[int, Field(ge=16)] = 96
+    points: PositiveInt = 10_000
+    min_fill: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64
+    weight_decay: WeightDecay = 0.05
+    warmup_epochs: WarmupEpochs = 0.5
+    schedule: ScheduleName = "cosine"
+    min_lr_ratio: MinLrRatio = 0.01
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0
+    head_lr_mult: PositiveFloat = 1.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+
 class Params(Section):
     """The whole ``params.yaml``.
 
-    Every section is required: a params file names each one (the keys inside a section keep their defaults), so
-    a file written for a few stages cannot silently run the others on defaults.
+    Every section of a stage is required: a params file names each one (the keys inside a section keep their
+    defaults), so a file written for a few stages cannot silently run the others on defaults. ``pretrain``, a
+    command outside the DAG whose weights ship with the repository, may be left out.
     """
 
     seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
@@ -589,6 +616,7 @@ class Params(Section):
     refine: RefineParams
     train_seg: TrainSegParams
     evaluate: EvaluateParams
+    pretrain: PretrainParams = PretrainParams()  # the one optional section: a command outside the DAG
 
     @model_validator(mode="after")
     def _aream(self) -> Params:
@@ -611,6 +639,7 @@ class Params(Section):
 
 
 SECTIONS = tuple(Params.model_fields)
+REQUIRED_SECTIONS = tuple(name for name, field in Params.model_fields.items() if field.is_required())
 
 
 def _format_error(path: Path, errors: list[dict[str, Any]]) -> str:
@@ -619,7 +648,7 @@ def _format_error(path: Path, errors: list[dict[str, Any]]) -> str:
     Missing top-level sections are reported first (all of them, in one line); otherwise the first error is.
     """
     missing = [str(e["loc"][0]) for e in errors if e["type"] == "missing" and len(e["loc"]) == 1]
-    needs = f"every params file needs: {', '.join(SECTIONS)}"
+    needs = f"every params file needs: {', '.join(REQUIRED_SECTIONS)}"
     if len(missing) == 1:
         return f"{path}: section '{missing[0]}' is missing ({needs})"
     if missing:

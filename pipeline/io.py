@@ -101,6 +101,12 @@ def labels_fingerprint(label_dir: Path, ids: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def sha256_of(path: Path | str) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def save_image_png(path: Path | str, image: np.ndarray) -> None:
     """Save a (H, W, 3) uint8 RGB image as PNG, atomically."""
     with atomic_path(path) as tmp:

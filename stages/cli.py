@@ -14,6 +14,7 @@ from stages import (
     evaluate,
     predict,
     prepare,
+    pretrain,
     refine,
     standin,
     train_aff,
@@ -71,6 +72,7 @@ COMMANDS = {
     "download-weights": download.weights,
     "compare": compare.main,
     "standin": standin.main,
+    "pretrain": pretrain.main,
 }
 for _name, _function in COMMANDS.items():
     app.command(_name)(_function)

@@ -13,7 +13,7 @@ from conftest import run_cli, tiny_params_dict, write_params
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.config import SECTIONS
+from pipeline.config import REQUIRED_SECTIONS
 from stages.cli import STAGES, app
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -86,7 +86,7 @@ def test_bad_params_exit_2_with_one_line(tmp_path, stage, case):
     assert not out.exists(), "a stage with invalid params must not start work"
 
 
-@pytest.mark.parametrize("section", SECTIONS)
+@pytest.mark.parametrize("section", REQUIRED_SECTIONS)
 def test_params_file_without_a_section_exits_2_with_one_line(tmp_path, section):
     # every section is required, also those the stage does not read (cams reads only `cams`)
     raw = tiny_params_dict()
@@ -96,7 +96,7 @@ def test_params_file_without_a_section_exits_2_with_one_line(tmp_path, section):
     result = invoke("cams", "--params", params, *_outputs("cams", out))
     assert result.exit_code == 2, result.output
     lines = error_lines(result.stderr)
-    needs = ", ".join(SECTIONS)
+    needs = ", ".join(REQUIRED_SECTIONS)
     assert lines == [f"error: {params}: section '{section}' is missing (every params file needs: {needs})"]
     assert "Traceback" not in result.output
     assert not out.exists()

@@ -5,7 +5,16 @@ import yaml
 from conftest import default_params, default_params_dict
 from pydantic import ValidationError
 
-from pipeline.config import SECTIONS, LossParams, Params, StageParams, load_params, load_sections, parse_params
+from pipeline.config import (
+    REQUIRED_SECTIONS,
+    SECTIONS,
+    LossParams,
+    Params,
+    StageParams,
+    load_params,
+    load_sections,
+    parse_params,
+)
 from pipeline.errors import ConfigError
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -45,6 +54,7 @@ def test_defaults_validate():
         "refine",
         "train_seg",
         "evaluate",
+        "pretrain",
     )
 
 
@@ -54,12 +64,12 @@ def test_repo_params_file_is_the_typed_defaults():
 
 
 def test_top_level_sections_have_no_defaults():
-    assert all(field.is_required() for field in Params.model_fields.values())
+    assert [name for name, field in Params.model_fields.items() if not field.is_required()] == ["pretrain"]
     with pytest.raises(ValidationError):
         Params()
 
 
-@pytest.mark.parametrize("section", SECTIONS)
+@pytest.mark.parametrize("section", REQUIRED_SECTIONS)
 def test_params_file_without_a_section_is_refused(tmp_path, section):
     raw = default_params_dict()
     del raw[section]
@@ -94,6 +104,12 @@ def test_an_empty_section_takes_the_section_defaults(tmp_path):
     assert load_params(path) == default_params()
 
 
+def test_pretrain_section_may_be_left_out(tmp_path):
+    raw = default_params_dict()
+    del raw["pretrain"]
+    assert load_params(write_params(tmp_path, raw, "no_pretrain.yaml")) == default_params()
+
+
 def test_values_are_read(tmp_path):
     path = write_full(tmp_path, seed=3, loss={"ccl": False}, model={"hff_dims": [1, 2, 3, 4]})
     params = load_params(path)
@@ -107,7 +123,7 @@ def test_unknown_top_level_key(tmp_path):
     path = write_params(tmp_path, default_params_dict(bogus=1))
     message = config_error(path)
     assert "'bogus'" in message
-    assert "cams, data, evaluate, loss, model, refine, seed, train_aff, train_cls, train_seg" in message
+    assert "cams, data, evaluate, loss, model, pretrain, refine, seed, train_aff, train_cls, train_seg" in message
 
 
 def test_unknown_nested_key(tmp_path):

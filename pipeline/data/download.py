@@ -14,7 +14,6 @@ user (``sha256``) or with ``trust_unpinned``, which records the hash of what arr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -30,7 +29,7 @@ from urllib.request import Request, urlopen
 from tqdm import tqdm
 
 from pipeline.errors import DownloadError
-from pipeline.io import write_json
+from pipeline.io import sha256_of, write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +57,6 @@ class Archive:
     size: int | None = None
     extract_to: str = "."
     checksum_source: str = ""
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _fetch_once(url: str, part: Path, size: int | None, timeout: float) -> None:

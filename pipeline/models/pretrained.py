@@ -4,7 +4,8 @@
 
 * ``none``: keep the random initialisation;
 * a path (ends in ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``, contains a ``/``, or exists): a state dict,
-  plain or nested under ``model`` / ``state_dict``, loaded with ``weights_only=True``;
+  plain or nested under ``model`` / ``state_dict``, loaded with ``weights_only=True``; when a manifest
+  ``<name>.json`` with a ``sha256`` sits beside it (``wsss pretrain`` writes one), the file must match it;
 * anything else: a timm pretrained tag such as ``swin_tiny_patch4_window7_224.ms_in1k``, loaded through timm from
   the local Hugging Face / torch hub cache, or downloaded where there is network. Without network (or with
   ``HF_HUB_OFFLINE=1``) an uncached tag fails at once with a message that says how to pass a file instead;
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -27,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.errors import PretrainedError
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +219,30 @@ def load_pretrained(model: nn.Module, spec: str | Path, setting: str = "model.pr
     if spec == "none":
         return
     if is_weights_file(spec):
+        verify_checksum(Path(spec), setting)
         load_state_into(model, read_state_dict(spec, setting), spec, setting)
     else:
         load_state_into(model, timm_state_dict(spec), f"timm weights '{spec}'", setting)
+
+
+def verify_checksum(path: Path, setting: str = "model.pretrained") -> None:
+    """Check a weights file against the ``sha256`` of the manifest ``<name>.json`` beside it, if there is one.
+
+    Raises:
+        PretrainedError: If the file's SHA-256 differs from the manifest's.
+    """
+    manifest = path.with_suffix(".json")
+    if not path.is_file() or not manifest.is_file():
+        return
+    try:
+        expected = json.loads(manifest.read_text()).get("sha256")
+    except (ValueError, AttributeError):
+        return  # not a manifest of ours
+    if isinstance(expected, str) and sha256_of(path) != expected:
+        raise PretrainedError(
+            f"{setting}: {path} does not match the sha256 in {manifest} (a changed or truncated file: restore it "
+            f"with `git checkout -- {path}`, or re-make it with the command in the manifest)"
+        )
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path | str) -> Path:
