@@ -63,9 +63,9 @@ def fractal_sets(params: StageParams) -> tuple[FractalSet, FractalSet]:
     """The training and held-out fractal sets of ``pretrain`` (same categories, disjoint renders)."""
     cfg = params.pretrain
     systems = search_categories(cfg.categories, np.random.default_rng([cfg.seed, 1]), cfg.min_fill)
-    args = (systems, cfg.image_size, cfg.points, cfg.seed)
-    train = render_instances(systems, cfg.instances, *args[1:], desc="fractal train images")
-    held = render_instances(systems, cfg.val_instances, *args[1:], first=cfg.instances, desc="fractal held-out images")
+    drawing = {"size": cfg.image_size, "points": cfg.points, "seed": cfg.seed}
+    train = render_instances(systems, cfg.instances, **drawing, desc="fractal train images")
+    held = render_instances(systems, cfg.val_instances, **drawing, first=cfg.instances, desc="fractal held-out images")
     mean, std = params.data.mean, params.data.std
     labels = np.arange(cfg.categories)
     return (
