@@ -224,7 +224,7 @@ class ModelParams(Section):
 class TrainClsParams(Schedule, AmpRuntime):
     """Classifier fine-tuning (``train_cls``)."""
 
-    epochs: PositiveInt = 16
+    epochs: PositiveInt = 48
     batch_size: PositiveInt = 16
     weight_decay: WeightDecay = 0.05
     schedule: ScheduleName = "cosine"
@@ -530,7 +530,7 @@ class TrainSegParams(Schedule, AmpRuntime):
     output_stride: Annotated[Literal[8, 16], BeforeValidator(_exact_int)] = 16
     decoder_channels: PositiveInt = 32
     split: Literal["train", "train_aug"] = "train"
-    epochs: PositiveInt = 8
+    epochs: PositiveInt = 24
     batch_size: Annotated[int, Field(ge=2)] = 16
     optimizer: OptimizerName = "adamw"
     lr: PositiveFloat = 2e-3
