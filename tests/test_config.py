@@ -253,7 +253,7 @@ def test_schedule_defaults_differ_per_section():
     assert schedules["train_seg"] == {"lr": 2e-3, "head_lr_mult": 1.0, "weight_decay": 1e-4, "schedule": "poly"}
     warmups = [getattr(params, name).warmup_epochs for name in ("train_cls", "train_aff", "train_seg")]
     assert warmups == [1.0, 0.5, 1.0]
-    assert [getattr(params, name).epochs for name in ("train_cls", "train_aff", "train_seg")] == [16, 3, 8]
+    assert [getattr(params, name).epochs for name in ("train_cls", "train_aff", "train_seg")] == [48, 3, 24]
 
 
 @pytest.mark.parametrize("section", ["train_cls", "train_aff", "train_seg"])
