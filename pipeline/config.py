@@ -323,6 +323,10 @@ class CamsParams(AmpRuntime):
     ``cam`` the argmax of the CAM with its background ``1 - max`` (SIPE's ablation without structure-aware
     locating). On the synthetic benchmark ``cam`` measured better (docs/results_history.md, "V1 against V2").
 
+    ``scales``: the default runs the 96 px synthetic images up to 3x: a 6 x 6 last stage gives R-CAM's prototypes
+    a coarse grid, and upscaled copies refine it (docs/classifier.md, "Inference scales"); the paper configs keep
+    SIPE's 1.0 / 0.5 / 1.5 / 2.0.
+
     ``score_split`` (``null`` = every image of ``split``) scores the seeds only on the images of ``split`` that
     also belong to that split: VOC's protocol stores seeds for ``train_aug`` (what DeepLab trains on) and scores
     them on the 1,464 ``train`` images with fine masks.
@@ -342,7 +346,7 @@ class CamsParams(AmpRuntime):
 
     split: Literal["train", "train_aug", "val"] = "train"
     score_split: Literal["train", "train_aug", "val"] | None = None
-    scales: Annotated[tuple[PositiveFloat, ...], FROM_LIST, Field(min_length=1)] = (1.0, 0.5, 1.5, 2.0)
+    scales: Annotated[tuple[PositiveFloat, ...], FROM_LIST, Field(min_length=1)] = (1.0, 1.5, 2.0, 2.5, 3.0)
     flip: bool = True
     seed_locating: SeedLocating = "cam"
     relevance: RelevanceParams = RelevanceParams()
