@@ -65,14 +65,18 @@ class Trainables:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    ema: nn.Module | None = None
+
+    def _names(self) -> tuple[str, ...]:
+        return ("model", "optimizer", "scheduler", "scaler") + (("ema",) if self.ema is not None else ())
 
     def state_dict(self) -> dict[str, Any]:
-        """The four state dicts, keyed by attribute name."""
-        return {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler", "scaler")}
+        """The state dicts (four, five with an EMA), keyed by attribute name."""
+        return {name: getattr(self, name).state_dict() for name in self._names()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        for name in ("model", "optimizer", "scheduler", "scaler"):
+        for name in self._names():
             getattr(self, name).load_state_dict(state[name])
 
 

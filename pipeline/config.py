@@ -230,6 +230,7 @@ class TrainClsParams(Schedule, AmpRuntime):
     schedule: ScheduleName = "cosine"
     min_lr_ratio: MinLrRatio = 0.01
     grad_clip: Annotated[float, Field(ge=0)] = 1.0
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     crop_size: Annotated[int, Field(ge=16)] = 96
     resize_long: Annotated[tuple[PositiveInt, PositiveInt], FROM_LIST] = (80, 112)
     flip: bool = True

@@ -2,7 +2,8 @@
 
 Every trainer (``train_cls``, ``train_aff``, ``train_seg``) builds its data, model, optimiser and loss step, and
 hands them to :func:`fit` as a :class:`Task`. :func:`fit` owns the rest: the learning-rate schedule, mixed
-precision (scaler), gradient clipping, the non-finite-loss guard, DDP, per-epoch records logged with dvclive,
+precision (scaler), gradient clipping, an optional moving average of the weights (validated and saved in place of
+the last ones), the non-finite-loss guard, DDP, per-epoch records logged with dvclive,
 the non-finite-weight guard before every save, the resumable checkpoint (a re-run with the same configuration
 resumes; another configuration starts fresh with a warning; the checkpoint is deleted once training completes)
 and the final save.
@@ -14,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import torch
 from dvclive import Live
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -260,7 +263,7 @@ def rehearsal_batch(name: str, batch_size: int, num_samples: int, subset: int | 
 
 @dataclass(frozen=True)
 class Recipe:
-    """The schedule and loop settings of a trainer's params section (without ``grad_clip`` or ``num_workers``: 0)."""
+    """The schedule and loop settings of a trainer's params section (missing loop keys: 0, i.e. off)."""
 
     epochs: int
     batch_size: int
@@ -270,6 +273,7 @@ class Recipe:
     amp: bool
     grad_clip: float = 0.0
     num_workers: int = 0
+    ema_decay: float = 0.0
 
     @classmethod
     def of(cls, section: Any, **overrides: Any) -> Recipe:
@@ -339,7 +343,8 @@ def fit(task: Task, recipe: Recipe, run: Run, results_dir: Path, checkpoint: Pat
     steps = len(task.trainset) // recipe.batch_size
     warmup = round(recipe.warmup_epochs * steps)
     scheduler = warmup_scheduler(task.optimizer, steps * recipe.epochs, warmup, recipe.schedule, recipe.min_lr_ratio)
-    trainables = Trainables(task.model, task.optimizer, scheduler, runtime.make_scaler(run.device, recipe.amp))
+    scaler = runtime.make_scaler(run.device, recipe.amp)
+    trainables = Trainables(task.model, task.optimizer, scheduler, scaler, moving_average(task.model, recipe.ema_decay))
     state = resume(checkpoint, digest, trainables)
     start, history = (state["epoch"], list(state["history"])) if state else (0, [])
     net = _parallel(task, run)
@@ -350,13 +355,16 @@ def fit(task: Task, recipe: Recipe, run: Run, results_dir: Path, checkpoint: Pat
         record = _train_epoch(task, recipe, run, net, trainables, epoch, epoch * steps)
         check_weights(task.model, task.name, epoch + 1)  # on every rank: DDP replicas hold the same weights
         validated = task.validate is not None and (run.dist.is_main or task.validate_everywhere)
-        metrics = task.validate(epoch) if validated else {}
+        with averaged_weights(task.model, trainables.ema):
+            metrics = task.validate(epoch) if validated else {}
         if run.dist.is_main:
             record.update(metrics)
             history.append(record)
             log_epoch(live, record)
             log.info("%s epoch %d/%d: %s", task.name, epoch + 1, recipe.epochs, _describe(record))
             save_progress(checkpoint, digest, trainables, epoch + 1, history, step=(epoch + 1) * steps)
+    if trainables.ema is not None:
+        task.model.load_state_dict(trainables.ema.module.state_dict())
     check_weights(task.model, task.name, recipe.epochs)
     if run.dist.is_main:
         task.save(task.model)
@@ -384,6 +392,8 @@ def _train_epoch(
         loss, terms = task.step(net, batch)
         watch.add(loss, step)
         _update(trainables, loss, recipe.grad_clip)
+        if trainables.ema is not None:
+            trainables.ema.update_parameters(trainables.model)
         step += 1
         for name, value in terms.items():  # summed on the device in float64: as exact as Python floats
             term = value.detach().double()
@@ -409,6 +419,32 @@ def _update(trainables: Trainables, loss: torch.Tensor, grad_clip: float) -> Non
     scaler.step(optimizer)
     scaler.update()
     trainables.scheduler.step()
+
+
+def moving_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s parameters and buffers, updated after every step; ``None`` at 0.
+
+    Args:
+        model: The module being trained.
+        decay: Weight of the average at each update (``ema = decay * ema + (1 - decay) * weights``); 0 = no average.
+    """
+    if decay == 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@contextmanager
+def averaged_weights(model: nn.Module, ema: AveragedModel | None) -> Iterator[None]:
+    """Run the block with ``ema``'s weights in ``model``, then put the trained weights back (nothing if ``None``)."""
+    if ema is None:
+        yield
+        return
+    trained = {key: value.clone() for key, value in model.state_dict().items()}
+    model.load_state_dict(ema.module.state_dict())
+    try:
+        yield
+    finally:
+        model.load_state_dict(trained)
 
 
 def _parallel(task: Task, run: Run) -> nn.Module:

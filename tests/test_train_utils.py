@@ -1,8 +1,18 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
-from pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.checkpoint import (
+    Trainables,
+    load_checkpoint,
+    resume,
+    rng_state,
+    save_checkpoint,
+    save_progress,
+    set_rng_state,
+)
 from pipeline.errors import CheckpointError, TrainingError
 from pipeline.runtime import Dist, resolve_device
 from pipeline.training import (
@@ -10,9 +20,11 @@ from pipeline.training import (
     Recipe,
     Run,
     Task,
+    averaged_weights,
     check_weights,
     epoch_indices,
     fit,
+    moving_average,
     param_groups,
     rehearsal_batch,
     warmup_decay,
@@ -251,6 +263,52 @@ def test_fit_saves_finite_weights(tmp_path):
     recipe = Recipe(epochs=2, batch_size=1, warmup_epochs=0.0, schedule="poly", min_lr_ratio=0.0, amp=False)
     fit(task, recipe, Run(torch.device("cpu"), Dist(), 0), tmp_path / "results", tmp_path / "ckpt.pt", "digest")
     assert saved == [model] and torch.isfinite(model.w).all() and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_fit_validates_and_saves_the_moving_average(tmp_path):
+    # loss 10 w, SGD lr 0.1 at a constant schedule: w = 1 -> 0 -> -1 -> -2 over three one-step epochs; the average
+    # (decay 0.5) starts at the first step's weights: 0, then 0.5 * 0 + 0.5 * -1 = -0.5, then 0.5 * -0.5 + 0.5 * -2
+    model, saved, seen = OneWeight(), [], []
+    task = Task(
+        "train_cls", model, torch.optim.SGD(model.parameters(), lr=0.1), Ones(), lambda n, b: (n(b), {}), saved.append
+    )
+    task.validate = lambda epoch: seen.append(model.w.item()) or {}
+    recipe = Recipe(epochs=3, batch_size=1, warmup_epochs=0.0, schedule="cosine", min_lr_ratio=1.0, amp=False)
+    fit(task, replace(recipe, ema_decay=0.5), Run(torch.device("cpu"), Dist(), 0), tmp_path / "r", tmp_path / "c", "d")
+    assert seen == pytest.approx([0.0, -0.5, -1.25], abs=1e-6), "training goes on from its weights, not the average"
+    assert saved == [model] and model.w.item() == pytest.approx(-1.25, abs=1e-6)
+
+
+def test_moving_average_off_and_the_swap_restores_the_weights():
+    model = OneWeight()
+    assert moving_average(model, 0.0) is None
+    ema = moving_average(model, 0.9)
+    ema.update_parameters(model)  # the first update copies: 1
+    with torch.no_grad():
+        model.w.fill_(3.0)
+    ema.update_parameters(model)  # 0.9 * 1 + 0.1 * 3
+    with averaged_weights(model, ema):
+        assert model.w.item() == pytest.approx(1.2)
+    assert model.w.item() == 3.0
+    with averaged_weights(model, None):
+        assert model.w.item() == 3.0
+
+
+def test_the_checkpoint_keeps_the_moving_average(tmp_path):
+    def trainables(value: float) -> Trainables:
+        model = OneWeight()
+        with torch.no_grad():
+            model.w.fill_(value)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        ema = moving_average(model, 0.5)
+        ema.update_parameters(model)
+        return Trainables(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), ema)
+
+    save_progress(tmp_path / "c.pt", "d", trainables(2.0), epoch=1, history=[])
+    restored = trainables(5.0)
+    assert resume(tmp_path / "c.pt", "d", restored)["epoch"] == 1
+    assert (restored.model.w.item(), restored.ema.module.w.item()) == (2.0, 2.0)
 
 
 def test_a_rehearsal_cuts_the_batch_to_the_subset_and_nothing_else_does(caplog):
