@@ -103,8 +103,13 @@ class Schedule(Section):
 
 
 class SyntheticParams(Section):
-    """Size and difficulty of the embedded synthetic benchmark (see README, "The synthetic benchmark")."""
+    """Size and difficulty of the embedded synthetic benchmark (see README, "The synthetic benchmark").
 
+    ``seed``: the benchmark instance's seed; ``None`` = the global ``seed`` (each seed a new instance and a new
+    training). An integer fixes the images while ``seed`` varies the training alone, as on VOC or COCO.
+    """
+
+    seed: Annotated[int, Field(ge=0)] | None = None
     num_train: PositiveInt = 1000
     num_val: PositiveInt = 300
     image_size: Annotated[int, Field(ge=32, le=1024)] = 96

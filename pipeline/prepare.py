@@ -35,7 +35,7 @@ def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDatas
 
     Args:
         params: The ``data`` section (uses ``data.synthetic``).
-        seed: The global seed; the images depend on it and on nothing else.
+        seed: The benchmark's seed; the images depend on it and on nothing else.
         out: An empty output directory.
 
     Returns:
@@ -66,9 +66,9 @@ def prepare_synthetic(params: DataParams, seed: int, out: Path) -> PreparedDatas
 def prepare(params: DataParams, seed: int, out: Path | str) -> PreparedDataset:
     """Write the dataset chosen by ``data.dataset`` into ``out`` in the prepared layout.
 
-    ``synthetic`` is generated from ``seed``; ``voc`` and ``coco`` are converted from the raw data in
-    ``data.root`` (see :mod:`pipeline.data.voc` and :mod:`pipeline.data.coco`). With ``data.subset: N`` every split
-    holds only its first N images (:func:`~pipeline.data.layout.cut_splits`), and only those are written.
+    ``synthetic`` is generated from ``data.synthetic.seed``, or from ``seed`` when that is ``None``; ``voc`` and
+    ``coco`` are converted from the raw data in ``data.root`` (see :mod:`pipeline.data.voc` and
+    :mod:`pipeline.data.coco`). With ``data.subset: N`` every split holds only its first N images (:func:`~pipeline.data.layout.cut_splits`), and only those are written.
 
     Args:
         params: The ``data`` section.
@@ -88,5 +88,6 @@ def prepare(params: DataParams, seed: int, out: Path | str) -> PreparedDataset:
         elif params.dataset == "coco":
             prepare_coco(params.root, staging, params.subset)
         else:
-            prepare_synthetic(params, seed, staging)
+            benchmark_seed = seed if params.synthetic.seed is None else params.synthetic.seed
+            prepare_synthetic(params, benchmark_seed, staging)
     return PreparedDataset.open(out)

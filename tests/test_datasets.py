@@ -12,7 +12,7 @@ from pipeline.data.datasets import (
     resize_long,
 )
 from pipeline.data.layout import PreparedDataset
-from pipeline.prepare import prepare_synthetic
+from pipeline.prepare import prepare, prepare_synthetic
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -22,6 +22,18 @@ STD = (0.229, 0.224, 0.225)
 def prepared(tmp_path_factory):
     params = DataParams(synthetic=SyntheticParams(num_train=6, num_val=3, image_size=48))
     return prepare_synthetic(params, seed=0, out=tmp_path_factory.mktemp("data") / "prep")
+
+
+def test_a_fixed_benchmark_seed_keeps_the_images_whatever_the_global_seed(tmp_path):
+    def images(global_seed: int, benchmark_seed: int | None) -> list[np.ndarray]:
+        spec = SyntheticParams(seed=benchmark_seed, num_train=2, num_val=1, image_size=32)
+        data = prepare(DataParams(synthetic=spec), global_seed, tmp_path / f"{global_seed}_{benchmark_seed}")
+        return [data.load_image(image_id) for image_id in data.split("train")]
+
+    fixed = images(1, 7)
+    assert all(np.array_equal(a, b) for a, b in zip(fixed, images(2, 7), strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(fixed, images(7, None), strict=True)), "7 = the global seed 7"
+    assert not np.array_equal(images(1, None)[0], images(2, None)[0]), "null: the global seed picks the images"
 
 
 def train_set(prepared, seed: int = 0, **update) -> ClassificationTrainSet:
