@@ -68,7 +68,8 @@ def prepare(params: DataParams, seed: int, out: Path | str) -> PreparedDataset:
 
     ``synthetic`` is generated from ``data.synthetic.seed``, or from ``seed`` when that is ``None``; ``voc`` and
     ``coco`` are converted from the raw data in ``data.root`` (see :mod:`pipeline.data.voc` and
-    :mod:`pipeline.data.coco`). With ``data.subset: N`` every split holds only its first N images (:func:`~pipeline.data.layout.cut_splits`), and only those are written.
+    :mod:`pipeline.data.coco`). With ``data.subset: N`` every split holds only its first N images
+    (:func:`~pipeline.data.layout.cut_splits`), and only those are written.
 
     Args:
         params: The ``data`` section.
