@@ -231,7 +231,6 @@ class TrainClsParams(Schedule, AmpRuntime):
 
     epochs: PositiveInt = 48
     batch_size: PositiveInt = 16
-    lr: PositiveFloat = 5e-4
     weight_decay: WeightDecay = 0.05
     schedule: ScheduleName = "cosine"
     min_lr_ratio: MinLrRatio = 0.01

@@ -159,7 +159,7 @@ def _play(root: Path, prepared: Path, params: Path, started: list[Run]) -> Scena
     other_dir = root / "other_config"
     other_dir.mkdir()
     (other_dir / "ckpt.pt").write_bytes(killed.checkpoint.read_bytes())
-    other_raw = tiny_params_dict(data=RESUME["data"], train_cls={**RESUME["train_cls"], "lr": 2e-4})
+    other_raw = tiny_params_dict(data=RESUME["data"], train_cls={**RESUME["train_cls"], "lr": 5e-4})
     other_params = write_params(other_dir / "params.yaml", other_raw)
 
     uncached_raw = tiny_params_dict(data=RESUME["data"], train_cls={**RESUME["train_cls"], "cache_images": False})
