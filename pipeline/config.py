@@ -582,8 +582,12 @@ class EvaluateParams(AmpRuntime):
     crf_min_prob: Annotated[float, Field(ge=0, lt=1)] = 0.01
 
 
+SCENE_CLASSES = 60
+"""The patterned looks of the stand-ins' scenes (:data:`pipeline.data.pretrain_images.PRETRAIN_LOOKS`)."""
+
+
 class PretrainParams(Schedule, AmpRuntime):
-    """Formula-driven pretraining of the classifier's encoder on fractal categories (``wsss pretrain``).
+    """Pretraining of the classifier's encoder on generated images: fractal categories or scenes (``wsss pretrain``).
 
     Not a stage of the DAG: its weights ship in ``weights/`` and ``model.pretrained`` names them. The encoder is
     the one ``model`` describes (the Swin of ``model.swin``, or the ViT of ``model.vit`` with ``model.arch: deit``),
@@ -591,21 +595,28 @@ class PretrainParams(Schedule, AmpRuntime):
     """
 
     seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] = 0
-    categories: Annotated[int, Field(ge=2)] = 64
-    instances: PositiveInt = 50
-    val_instances: PositiveInt = 5
+    source: Literal["fractals", "scenes"] = "scenes"
+    categories: Annotated[int, Field(ge=2)] = 20
+    instances: PositiveInt = 200
+    val_instances: PositiveInt = 20
     image_size: Annotated[int, Field(ge=16)] = 96
     points: PositiveInt = 10_000
     min_fill: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 64
+    epochs: PositiveInt = 20
+    batch_size: PositiveInt = 16
     weight_decay: WeightDecay = 0.05
     warmup_epochs: WarmupEpochs = 0.5
     schedule: ScheduleName = "cosine"
     min_lr_ratio: MinLrRatio = 0.01
     grad_clip: Annotated[float, Field(ge=0)] = 1.0
-    head_lr_mult: PositiveFloat = 1.0
+    head_lr_mult: PositiveFloat = 10.0
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+    @model_validator(mode="after")
+    def _scene_classes_exist(self) -> PretrainParams:
+        if self.source == "scenes" and self.categories > SCENE_CLASSES:
+            raise ValueError(f"categories is at most {SCENE_CLASSES} with source scenes (the patterned looks)")
+        return self
 
 
 class Params(Section):

@@ -1,11 +1,12 @@
-"""``pretrain``: formula-driven pretraining of the classifier's encoder on fractal categories (FractalDB-style).
+"""``pretrain``: pretraining of the classifier's encoder on generated images (fractals or many-class scenes).
 
 The encoder is the one ``model`` describes (the Swin of SWTformer, or the ViT of the DeiT classifier), trained with
-a linear head to tell :mod:`pipeline.data.fractals`' categories apart (cross-entropy with label smoothing), through
-the one training loop. Writes the encoder's weights as ``.safetensors`` (usable as ``model.pretrained`` or
-``model.vit.pretrained``) and beside them a manifest ``<name>.json``: the file's SHA-256, the command and params
-that reproduce it, the held-out top-1 per epoch. :func:`pipeline.models.pretrained.load_pretrained` checks the
-checksum before loading.
+a linear head through the one training loop, on :mod:`pipeline.data.pretrain_images`' images: FractalDB-style
+categories (cross-entropy with label smoothing; held-out top-1) or the stand-ins' patterned many-class scenes
+(binary cross-entropy; held-out class-wise mAP). Writes the encoder's weights as ``.safetensors`` (usable as
+``model.pretrained`` or ``model.vit.pretrained``) and beside them a manifest ``<name>.json``: the file's SHA-256,
+the command and params that reproduce it, the held-out metric per epoch.
+:func:`pipeline.models.pretrained.load_pretrained` checks the checksum before loading.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from torch.utils.data import DataLoader
 
 from pipeline import runtime, training
 from pipeline.config import ModelParams, StageParams
-from pipeline.data.fractals import FractalSet, render_instances, search_categories
+from pipeline.data.fractals import render_instances, search_categories
+from pipeline.data.pretrain_images import PretrainImages, pretrain_looks, render_scenes
 from pipeline.io import sha256_of, write_json
+from pipeline.metrics import classification_map
 from pipeline.models.pretrained import save_state_dict
 from pipeline.models.swtformer import build_model
 
@@ -59,18 +62,35 @@ def build_encoder(model: ModelParams, img_size: int) -> nn.Module:
     return classifier.vit if model.arch == "deit" else classifier.backbone.model
 
 
-def fractal_sets(params: StageParams) -> tuple[FractalSet, FractalSet]:
-    """The training and held-out fractal sets of ``pretrain`` (same categories, disjoint renders)."""
+def pretrain_sets(params: StageParams) -> tuple[PretrainImages, PretrainImages]:
+    """The training and held-out sets of ``pretrain`` (same categories, disjoint draws).
+
+    ``source: fractals``: ``categories`` IFS, ``instances`` (``val_instances``) renders each, one label per image.
+    ``source: scenes``: ``categories`` patterned looks, ``categories x instances`` (``x val_instances``) scenes,
+    multi-hot labels.
+    """
     cfg = params.pretrain
-    systems = search_categories(cfg.categories, np.random.default_rng([cfg.seed, 1]), cfg.min_fill)
-    drawing = {"size": cfg.image_size, "points": cfg.points, "seed": cfg.seed}
-    train = render_instances(systems, cfg.instances, **drawing, desc="fractal train images")
-    held = render_instances(systems, cfg.val_instances, **drawing, first=cfg.instances, desc="fractal held-out images")
     mean, std = params.data.mean, params.data.std
-    labels = np.arange(cfg.categories)
+    if cfg.source == "scenes":
+        looks = pretrain_looks(cfg.categories)
+        train_count, held_count = cfg.categories * cfg.instances, cfg.categories * cfg.val_instances
+        train = render_scenes(looks, train_count, cfg.image_size, cfg.seed, desc="scene train images")
+        held = render_scenes(looks, held_count, cfg.image_size, cfg.seed, first=train_count, desc="scene held-out")
+    else:
+        systems = search_categories(cfg.categories, np.random.default_rng([cfg.seed, 1]), cfg.min_fill)
+        drawing = {"size": cfg.image_size, "points": cfg.points, "seed": cfg.seed}
+        labels = np.arange(cfg.categories)
+        train = (
+            render_instances(systems, cfg.instances, **drawing, desc="fractal train images"),
+            np.repeat(labels, cfg.instances),
+        )
+        held = (
+            render_instances(systems, cfg.val_instances, **drawing, first=cfg.instances, desc="fractal held-out"),
+            np.repeat(labels, cfg.val_instances),
+        )
     return (
-        FractalSet(train, np.repeat(labels, cfg.instances), mean, std, augment=True, seed=cfg.seed),
-        FractalSet(held, np.repeat(labels, cfg.val_instances), mean, std, augment=False),
+        PretrainImages(*train, mean, std, augment=True, seed=cfg.seed),
+        PretrainImages(*held, mean, std, augment=False),
     )
 
 
@@ -92,7 +112,10 @@ def pretrain(params: StageParams, out: Path, results_dir: Path, checkpoint: Path
     cfg = params.pretrain
     started = time.time()
     run = training.setup("pretrain", cfg.device, cfg.threads, cfg.seed, cfg.batch_size)
-    trainset, heldset = fractal_sets(params)
+    trainset, heldset = pretrain_sets(params)
+    scenes = cfg.source == "scenes"
+    metric = "map_classwise" if scenes else "top1"
+    evaluate = held_out_map if scenes else top1
     model = PretrainNet(build_encoder(params.model, cfg.image_size), cfg.categories).to(run.device)
     groups = training.param_groups(model, [model.head], cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
     held_loader = DataLoader(heldset, batch_size=256, generator=torch.Generator())
@@ -101,9 +124,9 @@ def pretrain(params: StageParams, out: Path, results_dir: Path, checkpoint: Path
         model,
         torch.optim.AdamW(groups),
         trainset,
-        _loss_step(run.device, cfg.amp, cfg.label_smoothing),
+        _loss_step(run.device, cfg.amp, cfg.label_smoothing, multi_label=scenes),
         save=lambda trained: save_state_dict(trained.encoder.state_dict(), out),
-        validate=lambda epoch: {"val/top1": top1(model, held_loader, run.device, cfg.amp)},
+        validate=lambda epoch: {f"val/{metric}": evaluate(model, held_loader, run.device, cfg.amp)},
     )
     history = training.fit(task, training.Recipe.of(cfg), run, results_dir, checkpoint, params.digest())
     if not run.dist.is_main:
@@ -113,7 +136,8 @@ def pretrain(params: StageParams, out: Path, results_dir: Path, checkpoint: Path
         "sha256": sha256_of(out),
         "command": shlex.join(["wsss", *sys.argv[1:]]) if Path(sys.argv[0]).name == "wsss" else None,
         "params": {"model": params.model.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json")},
-        "held_out_top1": [round(record["val/top1"], 4) for record in history],
+        "held_out_metric": metric,
+        "held_out": [round(record[f"val/{metric}"], 4) for record in history],
         "minutes": round((time.time() - started) / 60, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -122,29 +146,43 @@ def pretrain(params: StageParams, out: Path, results_dir: Path, checkpoint: Path
     return manifest
 
 
-def _loss_step(device: torch.device, amp: bool, smoothing: float) -> training.Step:
-    """Cross-entropy over the categories, with label smoothing."""
+def _loss_step(device: torch.device, amp: bool, smoothing: float, multi_label: bool) -> training.Step:
+    """Cross-entropy over the categories with label smoothing, or (``multi_label``) binary cross-entropy."""
 
     def step(net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
-        labels = batch["label"].to(device)  # (B,)
+        labels = batch["label"].to(device)  # (B,) category indices, or (B, K) multi-hot
         with runtime.autocast(device, amp):
             logits = net(images)  # (B, K)
-        loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+        if multi_label:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+        else:
+            loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
         return loss, {"loss": loss}
 
     return step
 
 
 @torch.no_grad()
-def top1(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> float:
-    """The fraction of ``loader``'s images whose highest logit is their category (model left in training mode)."""
+def _scores(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) logits and the labels of ``loader``'s images (model left in training mode)."""
     model.eval()
-    correct = total = 0
+    logits, labels = [], []
     for batch in loader:
         with runtime.autocast(device, amp):
-            logits = model(batch["image"].to(device))  # (B, K)
-        correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
-        total += len(batch["label"])
+            logits.append(model(batch["image"].to(device)).float().cpu())  # (B, K)
+        labels.append(batch["label"])
     model.train()
-    return correct / max(total, 1)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def top1(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> float:
+    """The fraction of ``loader``'s images whose highest logit is their category."""
+    logits, labels = _scores(model, loader, device, amp)
+    return float((logits.argmax(1) == labels).mean()) if len(labels) else 0.0
+
+
+def held_out_map(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> float:
+    """Class-wise mAP of ``loader``'s multi-label images (classes without a positive skipped)."""
+    logits, labels = _scores(model, loader, device, amp)
+    return classification_map(logits, labels)["map_classwise"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -10,10 +11,9 @@ import torch
 from conftest import tiny_params_dict, write_params
 from torch.testing import assert_close
 
-from pipeline.config import ModelParams
+from pipeline.config import SCENE_CLASSES, ModelParams, PretrainParams
 from pipeline.data import fractals
 from pipeline.data.fractals import (
-    FractalSet,
     chaos_points,
     fill_ratio,
     map_probabilities,
@@ -23,11 +23,13 @@ from pipeline.data.fractals import (
     to_pixels,
     weight_variant,
 )
+from pipeline.data.pretrain_images import PRETRAIN_LOOKS, PretrainImages, pretrain_looks, render_scenes, scene_spec
+from pipeline.data.synthetic import CLASSES, generate_scene
 from pipeline.errors import PretrainedError
 from pipeline.io import sha256_of
 from pipeline.models.pretrained import load_pretrained, save_state_dict
 from pipeline.models.swtformer import build_model
-from pipeline.pretrain import PretrainNet, build_encoder
+from pipeline.pretrain import PretrainNet, _loss_step, build_encoder
 
 SIERPINSKI = np.array([[0.5, 0, 0, 0.5, 0, 0], [0.5, 0, 0, 0.5, 0.5, 0], [0.5, 0, 0, 0.5, 0, 0.5]])
 """The Sierpinski triangle of corners (0, 0), (1, 0), (0, 1): three maps halving towards each corner."""
@@ -94,14 +96,14 @@ def test_render_is_seeded_and_draws_on_the_background():
     assert np.array_equal(diverging, np.clip(np.rint(background), 0, 255).astype(np.uint8))
 
 
-def test_fractal_set_augments_per_epoch_and_not_held_out():
+def test_pretrain_images_augment_per_epoch_and_not_held_out():
     images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    held = FractalSet(images, np.array([0, 1, 2]), mean, std, augment=False)
+    held = PretrainImages(images, np.array([0, 1, 2]), mean, std, augment=False)
     expected = (torch.from_numpy(images[1]).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
     assert_close(held[1]["image"], expected)
     assert int(held[1]["label"]) == 1
-    train = FractalSet(images, np.array([0, 1, 2]), mean, std, augment=True, seed=3)
+    train = PretrainImages(images, np.array([0, 1, 2]), mean, std, augment=True, seed=3)
     views = []
     for epoch in range(8):
         train.epoch = epoch
@@ -143,14 +145,73 @@ def test_checksum_in_the_manifest_is_checked(tmp_path):
 
 
 def test_pretrain_command_writes_weights_and_manifest(tmp_path, cli):
-    pretrain = {"categories": 3, "instances": 4, "val_instances": 2, "image_size": 32, "points": 500}
+    pretrain = {"source": "fractals", "categories": 3, "instances": 4, "val_instances": 2, "image_size": 32}
+    pretrain["points"] = 500
     raw = tiny_params_dict(pretrain=pretrain | {"epochs": 2, "batch_size": 4, "device": "cpu", "threads": 1})
     params = write_params(tmp_path / "params.yaml", raw)
     result = cli("pretrain", "--params", params, "--out", "w/enc.safetensors", "--results", "r", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "w/enc.json").read_text())
-    assert len(manifest["held_out_top1"]) == 2 and 0 <= manifest["held_out_top1"][-1] <= 1
+    assert manifest["held_out_metric"] == "top1"
+    assert len(manifest["held_out"]) == 2 and 0 <= manifest["held_out"][-1] <= 1
     assert manifest["params"]["pretrain"]["categories"] == 3
-    assert "held-out top-1" in result.stdout
+    assert "held-out top1" in result.stdout
     curves = json.loads((tmp_path / "r/metrics.json").read_text())
     assert "top1" in curves["val"]
+
+
+def test_scene_looks_are_patterned_so_none_is_a_benchmark_class():
+    assert len(PRETRAIN_LOOKS) == SCENE_CLASSES == 60
+    assert all(look.pattern != "plain" for look in PRETRAIN_LOOKS)  # every benchmark body is plain
+    assert len({(look.body, look.pattern, look.part, look.part_color) for look in PRETRAIN_LOOKS}) == 60
+    assert {c.body for c in CLASSES} <= {look.body for look in PRETRAIN_LOOKS}  # the same kind of objects
+    assert pretrain_looks(3) == list(PRETRAIN_LOOKS[:3])
+    with pytest.raises(ValueError, match="1..60"):
+        pretrain_looks(61)
+    with pytest.raises(ValueError, match="at most 60 with source scenes"):
+        PretrainParams(source="scenes", categories=61)
+    assert PretrainParams(source="fractals", categories=61).categories == 61
+
+
+def test_scene_labels_are_the_classes_with_16_visible_pixels():
+    looks = pretrain_looks(5)
+    images, targets = render_scenes(looks, 6, 48, seed=2)
+    assert images.shape == (6, 48, 48, 3) and images.dtype == np.uint8 and targets.shape == (6, 5)
+    for index in range(6):
+        image, label, _ = generate_scene(index, 2, looks, scene_spec(48))
+        assert np.array_equal(images[index], image)
+        counts = np.bincount(label.ravel(), minlength=6)[1:]
+        assert targets[index].tolist() == [float(n >= 16) for n in counts]
+    assert targets.sum(1).min() >= 1  # every scene shows a class
+    held, _ = render_scenes(looks, 2, 48, seed=2, first=6)
+    again, _ = render_scenes(looks, 8, 48, seed=2)
+    assert np.array_equal(held, again[6:])  # held-out scenes are the next indices: never a training scene
+
+
+def test_multi_hot_labels_pass_through_and_take_binary_cross_entropy():
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    targets = np.array([[1, 0, 1], [0, 1, 0]], np.float32)
+    item = PretrainImages(images, targets, (0.5,) * 3, (0.25,) * 3, augment=True)[0]
+    assert item["label"].dtype == torch.float32 and item["label"].tolist() == [1.0, 0.0, 1.0]
+    net = torch.nn.Linear(2, 3)
+    torch.nn.init.zeros_(net.weight), torch.nn.init.zeros_(net.bias)
+    batch = {"image": torch.ones(2, 2), "label": torch.from_numpy(targets)}
+    loss, _ = _loss_step(torch.device("cpu"), False, 0.1, multi_label=True)(net, batch)
+    assert_close(loss, torch.tensor(math.log(2)))  # zero logits: ln 2 per class, smoothing unused
+    ce, _ = _loss_step(torch.device("cpu"), False, 0.0, multi_label=False)(
+        net, {**batch, "label": torch.tensor([0, 2])}
+    )
+    assert_close(ce, torch.tensor(math.log(3)))
+
+
+def test_pretrain_command_on_scenes_reports_held_out_map(tmp_path, cli):
+    pretrain = {"source": "scenes", "categories": 4, "instances": 3, "val_instances": 2, "image_size": 32}
+    raw = tiny_params_dict(pretrain=pretrain | {"epochs": 2, "batch_size": 4, "device": "cpu", "threads": 1})
+    params = write_params(tmp_path / "params.yaml", raw)
+    result = cli("pretrain", "--params", params, "--out", "w/enc.safetensors", "--results", "r", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "w/enc.json").read_text())
+    assert manifest["held_out_metric"] == "map_classwise" and len(manifest["held_out"]) == 2
+    assert 0 <= manifest["held_out"][-1] <= 1
+    assert "held-out map_classwise" in result.stdout
+    assert "map_classwise" in json.loads((tmp_path / "r/metrics.json").read_text())["val"]

@@ -15,9 +15,7 @@ The categories share nothing with the synthetic benchmark's classes (no object s
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 WEIGHT_FACTORS = (0.2, 0.6, 1.4, 1.8)
@@ -198,44 +196,3 @@ def render_instances(
             bar.update(1)
     bar.close()
     return out
-
-
-class FractalSet(Dataset):
-    """Pre-rendered fractal images with their category; training augmentation: flips and 90-degree rotations.
-
-    The augmentation of sample ``i`` in epoch ``e`` is seeded by ``(seed, e, i)``, so a resumed run is exact
-    (:func:`pipeline.training.fit` sets :attr:`epoch`).
-
-    Args:
-        images: (M, S, S, 3) uint8.
-        labels: (M,) category indices.
-        mean, std: Normalisation (the pipeline's ``data.mean`` / ``data.std``).
-        augment: Random flips and rotations (training); off for the held-out set.
-        seed: Augmentation seed.
-    """
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        augment: bool,
-        seed: int = 0,
-    ) -> None:
-        self.images, self.labels = images, labels
-        self.mean = torch.tensor(mean).view(3, 1, 1) * 255
-        self.std = torch.tensor(std).view(3, 1, 1) * 255
-        self.augment, self.seed, self.epoch = augment, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image = torch.from_numpy(self.images[index]).permute(2, 0, 1).float()  # (3, S, S)
-        if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            image = torch.rot90(image, int(rng.integers(4)), dims=(1, 2))
-            if rng.random() < 0.5:
-                image = image.flip(2)
-        return {"image": (image - self.mean) / self.std, "label": torch.tensor(int(self.labels[index]))}
