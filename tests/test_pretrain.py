@@ -29,7 +29,7 @@ from pipeline.errors import PretrainedError
 from pipeline.io import sha256_of
 from pipeline.models.pretrained import load_pretrained, save_state_dict
 from pipeline.models.swtformer import build_model
-from pipeline.pretrain import PretrainNet, _loss_step, build_encoder
+from pipeline.pretrain import PretrainNet, _loss_step, build_encoder, held_out_map, top1
 
 SIERPINSKI = np.array([[0.5, 0, 0, 0.5, 0, 0], [0.5, 0, 0, 0.5, 0.5, 0], [0.5, 0, 0, 0.5, 0, 0.5]])
 """The Sierpinski triangle of corners (0, 0), (1, 0), (0, 1): three maps halving towards each corner."""
@@ -215,3 +215,18 @@ def test_pretrain_command_on_scenes_reports_held_out_map(tmp_path, cli):
     assert 0 <= manifest["held_out"][-1] <= 1
     assert "held-out map_classwise" in result.stdout
     assert "map_classwise" in json.loads((tmp_path / "r/metrics.json").read_text())["val"]
+
+
+def test_held_out_metrics_by_hand():
+    class Echo(torch.nn.Module):  # the "image" is the logits
+        def forward(self, images):
+            return images
+
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 0.0, 2.0]])
+    single = [{"image": logits, "label": torch.tensor([0, 1, 0])}]
+    assert top1(Echo(), single, torch.device("cpu"), False) == pytest.approx(2 / 3)
+    multi = [{"image": logits, "label": torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 0, 1]])}]
+    # class 0: positives score 2 and 1 over a negative 0 -> AP 1; class 1: AP 1; class 2: positive 2 above 1, 0 -> 1
+    assert held_out_map(Echo(), multi, torch.device("cpu"), False) == pytest.approx(1.0)
+    multi[0]["label"] = torch.tensor([[0.0, 0, 0], [0, 1, 0], [1, 0, 0]])  # class 0: positive ranked 2nd -> AP 1/2
+    assert held_out_map(Echo(), multi, torch.device("cpu"), False) == pytest.approx((0.5 + 1.0) / 2)
