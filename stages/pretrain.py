@@ -17,7 +17,7 @@ def main(
     out: Annotated[Path, typer.Option(help="The encoder's weights (.safetensors); its manifest .json beside.")] = (
         Path("weights/swin_small_scenes.safetensors")
     ),
-    results: Annotated[Path, typer.Option(help="dvclive directory (loss, held-out top-1).")] = Path("results/pretrain"),
+    results: Annotated[Path, typer.Option(help="dvclive directory (loss, held-out score).")] = Path("results/pretrain"),
     checkpoint: Annotated[Path, typer.Option(help="Resumable checkpoint (deleted when training completes).")] = Path(
         "checkpoints/pretrain.pt"
     ),
