@@ -294,6 +294,7 @@ class LossParams(Section):
     ccl: bool = True
     ccl_weight: PositiveFloat = 1.0
     ccl_mode: Literal["literal", "contrastive"] = "literal"
+    detach_cam: Literal["none", "ccl", "both"] = "none"
     aream: AReAMParams = AReAMParams()
 
 

@@ -76,6 +76,7 @@ def swtformer_loss(
     ccl: bool = True,
     ccl_weight: float = 1.0,
     ccl_mode: str = "literal",
+    detach_cam: str = "none",
     aream: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All loss terms of one training step.
@@ -91,6 +92,9 @@ def swtformer_loss(
         ccl: Add the CCL term (V2 only).
         ccl_weight: Its weight.
         ccl_mode: ``literal`` (paper Eq. 6) or ``contrastive``.
+        detach_cam: Where the CAM is a fixed target, so that only R-CAM's branch (HFF) learns from the term:
+            ``none`` (SIPE's code: GSC and CCL also train the CAM head and the backbone), ``ccl`` (in CCL only) or
+            ``both`` (the CAM branch then learns from classification alone, as V1's).
         aream: ``loss.aream``, the DeiT classifier's (pipeline/aream.py); accepted so that the whole ``loss``
             section can be passed, unused here.
 
@@ -105,11 +109,11 @@ def swtformer_loss(
         cam = F.interpolate(out["cam_bg"], size=size, mode="bilinear", align_corners=True) * mask
         rcam = max_norm(out["rcam"])
         if gsc:
-            terms["gsc"] = gsc_loss(cam, rcam)
+            terms["gsc"] = gsc_loss(cam.detach() if detach_cam == "both" else cam, rcam)
             total = total + gsc_weight * terms["gsc"]
         if ccl:
             present = (valid_mask.amax(dim=(2, 3)) > 0).to(cam.dtype)  # (B, K)
-            terms["ccl"] = ccl_loss(cam, rcam, present, ccl_mode)
+            terms["ccl"] = ccl_loss(cam.detach() if detach_cam in ("ccl", "both") else cam, rcam, present, ccl_mode)
             total = total + ccl_weight * terms["ccl"]
     terms["total"] = total
     return terms

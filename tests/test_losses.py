@@ -182,6 +182,32 @@ def test_swtformer_loss_gradients_reach_both_maps():
         assert out[name].grad is not None and out[name].grad.abs().sum() > 0
 
 
+def cam_gradient(**loss) -> torch.Tensor:
+    """The gradient of the whole loss with respect to ``cam_bg`` (the CAM branch)."""
+    out = {k: v.requires_grad_() for k, v in v2_outputs().items()}
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    swtformer_loss(out, labels, valid_mask_for(labels), **LossParams(**loss).model_dump())["total"].backward()
+    return out["cam_bg"].grad if out["cam_bg"].grad is not None else torch.zeros_like(out["cam_bg"])
+
+
+def test_detach_cam_stops_the_chosen_terms_at_the_cam():
+    assert cam_gradient(detach_cam="both").abs().sum() == 0
+    assert_close(cam_gradient(detach_cam="ccl"), cam_gradient(ccl=False))
+    only_ccl = cam_gradient(detach_cam="ccl", gsc=False)
+    assert only_ccl.abs().sum() == 0
+    assert not torch.allclose(cam_gradient(detach_cam="none"), cam_gradient(detach_cam="ccl"))
+
+
+def test_detach_cam_keeps_the_loss_values():
+    out = v2_outputs()
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    mask = valid_mask_for(labels)
+    plain = swtformer_loss(out, labels, mask, **LossParams().model_dump())
+    detached = swtformer_loss(out, labels, mask, **LossParams(detach_cam="both").model_dump())
+    for name in ("cls", "gsc", "ccl", "total"):
+        assert_close(detached[name], plain[name])
+
+
 def test_gsc_uses_max_normalised_rcam():
     labels = torch.ones(1, 1)
     rcam = torch.full((1, 2, 2, 2), 0.25)
