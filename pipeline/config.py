@@ -286,7 +286,10 @@ class AReAMParams(Section):
 
 
 class LossParams(Section):
-    """Loss terms of ``train_cls``; each switch turns one term on or off (V2 only for GSC and CCL)."""
+    """Loss terms of ``train_cls``; each switch turns one term on or off (V2 only for GSC and CCL).
+
+    ``detach_cam``: where GSC / CCL leave the CAM a fixed target (``none``: SIPE's code; ``ccl``; ``both``).
+    """
 
     cls_weight: PositiveFloat = 1.0
     gsc: bool = True
