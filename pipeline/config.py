@@ -288,7 +288,7 @@ class AReAMParams(Section):
 class LossParams(Section):
     """Loss terms of ``train_cls``; each switch turns one term on or off (V2 only for GSC and CCL).
 
-    ``detach_cam``: where GSC / CCL leave the CAM a fixed target (``none``: SIPE's code; ``ccl``; ``both``).
+    ``detach_cam``: where GSC / CCL leave the CAM a fixed target: ``both`` (default), ``ccl``, ``none`` (SIPE's code).
     """
 
     cls_weight: PositiveFloat = 1.0
@@ -297,7 +297,7 @@ class LossParams(Section):
     ccl: bool = True
     ccl_weight: PositiveFloat = 1.0
     ccl_mode: Literal["literal", "contrastive"] = "literal"
-    detach_cam: Literal["none", "ccl", "both"] = "none"
+    detach_cam: Literal["none", "ccl", "both"] = "both"
     aream: AReAMParams = AReAMParams()
 
 
