@@ -230,6 +230,7 @@ class TrainClsParams(Schedule, AmpRuntime):
     """Classifier fine-tuning (``train_cls``)."""
 
     epochs: PositiveInt = 48
+    lr: PositiveFloat = 5e-4
     batch_size: PositiveInt = 16
     weight_decay: WeightDecay = 0.05
     schedule: ScheduleName = "cosine"

@@ -248,7 +248,7 @@ def test_schedule_defaults_differ_per_section():
         name: {key: getattr(getattr(params, name), key) for key in ("lr", "head_lr_mult", "weight_decay", "schedule")}
         for name in ("train_cls", "train_aff", "train_seg")
     }
-    assert schedules["train_cls"] == {"lr": 1e-3, "head_lr_mult": 10.0, "weight_decay": 0.05, "schedule": "cosine"}
+    assert schedules["train_cls"] == {"lr": 5e-4, "head_lr_mult": 10.0, "weight_decay": 0.05, "schedule": "cosine"}
     assert schedules["train_aff"] == {"lr": 1e-3, "head_lr_mult": 10.0, "weight_decay": 1e-4, "schedule": "poly"}
     assert schedules["train_seg"] == {"lr": 2e-3, "head_lr_mult": 1.0, "weight_decay": 1e-4, "schedule": "poly"}
     warmups = [getattr(params, name).warmup_epochs for name in ("train_cls", "train_aff", "train_seg")]
