@@ -298,14 +298,14 @@ def test_no_string_or_bool_where_a_number_is_expected(tmp_path, overrides, key):
     assert "is invalid: Input should be a valid" in message or "is invalid: Input should be an integer" in message
 
 
-def test_an_integer_is_a_float_and_1e_3_is_a_number(tmp_path):
+def test_an_integer_is_a_float_and_5e_4_is_a_number(tmp_path):
     params = load_params(write_full(tmp_path, train_cls={"lr": 1}, data={"mean": [0, 0, 1]}))
     assert params.train_cls.lr == 1.0 and isinstance(params.train_cls.lr, float)
     assert params.data.mean == (0.0, 0.0, 1.0)
-    path = tmp_path / "exp.yaml"  # PyYAML (YAML 1.1) reads 1e-3 as a string; DVC (YAML 1.2) as a float
-    path.write_text(yaml.safe_dump(default_params_dict()).replace("lr: 0.001\n", "lr: 1e-3\n", 1))
-    assert "lr: 1e-3" in path.read_text()
-    assert load_params(path).train_cls.lr == 1e-3
+    path = tmp_path / "exp.yaml"  # PyYAML (YAML 1.1) reads 5e-4 as a string; DVC (YAML 1.2) as a float
+    path.write_text(yaml.safe_dump(default_params_dict()).replace("lr: 0.0005\n", "lr: 5e-4\n", 1))
+    assert "lr: 5e-4" in path.read_text()
+    assert load_params(path).train_cls.lr == 5e-4
 
 
 @pytest.mark.parametrize(
