@@ -16,7 +16,7 @@ import yaml
 from conftest import subprocess_env, tiny_params_dict, write_params
 from safetensors.torch import load_file
 
-from pipeline.config import Params
+from pipeline.config import Params, TrainClsParams
 from pipeline.prepare import prepare
 
 pytestmark = pytest.mark.slow  # trains in a subprocess, kills it and resumes
@@ -159,7 +159,8 @@ def _play(root: Path, prepared: Path, params: Path, started: list[Run]) -> Scena
     other_dir = root / "other_config"
     other_dir.mkdir()
     (other_dir / "ckpt.pt").write_bytes(killed.checkpoint.read_bytes())
-    other_raw = tiny_params_dict(data=RESUME["data"], train_cls={**RESUME["train_cls"], "lr": 5e-4})
+    other_lr = TrainClsParams().lr / 2  # another configuration than the killed run's (default) one
+    other_raw = tiny_params_dict(data=RESUME["data"], train_cls={**RESUME["train_cls"], "lr": other_lr})
     other_params = write_params(other_dir / "params.yaml", other_raw)
 
     uncached_raw = tiny_params_dict(data=RESUME["data"], train_cls={**RESUME["train_cls"], "cache_images": False})
