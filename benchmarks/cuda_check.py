@@ -6,13 +6,18 @@ download needed), with ``pretrained: none`` weights unless ``--pretrained`` (hub
 run in this process, in DAG order, with the command lines of ``dvc.yaml``, so ``torch.cuda`` peak statistics
 can be read after each. Prints a Markdown table; exits with code 2 and one line when no CUDA device exists.
 
+With ``--as-is`` it runs the config unchanged instead (``--params params.yaml --as-is``: the default synthetic
+benchmark, the whole DAG on the GPU, as ``dvc repro`` would on that machine) and with ``--metrics-json FILE`` writes the
+stages' metrics (``dvc.yaml``'s metric files) to one JSON file, to compare with the CPU run's.
+
 Usage: python benchmarks/cuda_check.py [--params configs/coco_paper.yaml] [--images 32] [--image-size 448]
-                                       [--workdir DIR] [--pretrained]
+                                       [--workdir DIR] [--pretrained] [--as-is] [--metrics-json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -57,13 +62,17 @@ def rehearsal_params(base: dict, images: int, image_size: int, device: str, pret
     for name in TRAINING:
         raw[name] |= {"epochs": 1, "warmup_epochs": 0.0, "batch_size": min(raw[name].get("batch_size", 16), images)}
     raw["train_seg"]["val_every"] = 1
-    for name in ON_DEVICE:
-        raw[name]["device"] = device
+    raw = on_device(raw, device)
     if not pretrained:
         raw["model"]["pretrained"] = "none"
         raw["train_aff"]["model"] = {**raw["train_aff"]["model"], "pretrained": "none"}
         raw["train_seg"]["encoder_weights"] = "none"
     return raw
+
+
+def on_device(base: dict, device: str) -> dict:
+    """``base`` with every model stage (training, CAMs, evaluation) on ``device``."""
+    return base | {name: {**base[name], "device": device} for name in ON_DEVICE}
 
 
 def stage_commands() -> dict[str, list[str]]:
@@ -104,6 +113,17 @@ def run_stages(params: Path, workdir: Path, cuda: bool = True) -> list[tuple[str
     return rows
 
 
+def metric_files() -> list[str]:
+    """Every stage's metric files, as ``dvc.yaml`` names them (relative to the project's root)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return [path for stage in stages.values() for entry in stage.get("metrics", []) for path in entry]
+
+
+def read_metrics(workdir: Path) -> dict[str, dict]:
+    """The stages' metrics in ``workdir``: ``{path in dvc.yaml: its JSON}``."""
+    return {name: json.loads((workdir / name).read_text()) for name in metric_files()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=REPO / "configs" / "voc_paper.yaml")
@@ -112,6 +132,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep the rehearsal here (default: a temporary directory)")
     parser.add_argument("--pretrained", action="store_true", help="keep the config's pretrained weights")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: try this script without a GPU")
+    parser.add_argument("--as-is", action="store_true", help="run the config unchanged, not a one-epoch rehearsal")
+    parser.add_argument("--metrics-json", type=Path, help="write the stages' metrics here, as one JSON file")
     args = parser.parse_args()
     reason = no_cuda_reason() if args.device == "cuda" else None
     if reason is not None:
@@ -122,7 +144,11 @@ def main() -> None:
 
     from pipeline.config import parse_params, read_yaml
 
-    raw = rehearsal_params(read_yaml(args.params), args.images, args.image_size, args.device, args.pretrained)
+    base = read_yaml(args.params)
+    if args.as_is:
+        raw = on_device(base, args.device)
+    else:
+        raw = rehearsal_params(base, args.images, args.image_size, args.device, args.pretrained)
     parse_params(raw, args.params)  # a bad rehearsal config fails here, in one line
     with tempfile.TemporaryDirectory() as tmp:
         workdir = (args.workdir or Path(tmp)).resolve()
@@ -130,8 +156,11 @@ def main() -> None:
         params = workdir / "params.yaml"
         params.write_text(yaml.safe_dump(raw, sort_keys=False))
         rows = run_stages(params, workdir, cuda=args.device == "cuda")
+        if args.metrics_json is not None:
+            args.metrics_json.write_text(json.dumps(read_metrics(workdir), indent=1))
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
-    print(f"\n{name}, {args.params.name}: {args.images} synthetic images of {args.image_size} px, one epoch\n")
+    size = f"{args.images} synthetic images of {args.image_size} px, one epoch"
+    print(f"\n{name}, {args.params.name}: {'as configured' if args.as_is else size}\n")
     print("| stage | wall time | peak GPU memory allocated | reserved |")
     print("|---|---|---|---|")
     for stage, seconds, allocated, reserved in rows:

@@ -140,10 +140,34 @@ def test_cuda_check_exits_with_one_line_without_cuda(tmp_path):
     assert not (tmp_path / "run").exists(), "nothing was run"
 
 
-def test_cuda_check_rehearsal_params_validate():
+def _cuda_check():
     spec = importlib.util.spec_from_file_location("cuda_check", REPO / "benchmarks" / "cuda_check.py")
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
+    return check
+
+
+def test_cuda_check_as_is_moves_only_the_devices():
+    base = read_yaml(REPO / "params.yaml")
+    raw = _cuda_check().on_device(base, "cuda")
+    changed = {name for name in raw if raw[name] != base[name]}
+    assert changed == {"train_cls", "train_aff", "train_seg", "cams", "evaluate"}
+    assert raw["train_cls"] == base["train_cls"] | {"device": "cuda"}
+    assert base["train_cls"]["device"] == "auto", "the config read is left as it was"
+
+
+def test_cuda_check_reads_every_stages_metrics(tmp_path):
+    check = _cuda_check()
+    names = check.metric_files()
+    assert names == [f"results/{stage}/metrics.json" for stage in STAGES if stage not in ("prepare", "predict")]
+    for index, name in enumerate(names):
+        (tmp_path / name).parent.mkdir(parents=True)
+        (tmp_path / name).write_text(f'{{"value": {index}}}')
+    assert check.read_metrics(tmp_path) == {name: {"value": index} for index, name in enumerate(names)}
+
+
+def test_cuda_check_rehearsal_params_validate():
+    check = _cuda_check()
     for name in ("voc_paper.yaml", "coco_paper.yaml"):
         raw = check.rehearsal_params(read_yaml(REPO / "configs" / name), 32, 448, "cuda", pretrained=False)
         params = parse_params(raw)
