@@ -171,6 +171,25 @@ def collect(grid: Grid, found: dict[str, dict], dvc_yaml: dict) -> dict[str, dic
     return values
 
 
+def require_runs(grid: Grid, found: dict[str, dict], commit: str) -> None:
+    """Stop when ``found`` holds none of the grid's experiments: a report of them would be all dashes.
+
+    Args:
+        grid: The grid.
+        found: :func:`experiments` of the commit's ``dvc exp show``.
+        commit: The commit whose experiments were read (named in the error).
+
+    Raises:
+        ConfigError: If no run of the grid is there (nothing has been written).
+    """
+    names = [experiment_name(grid, variant, seed) for variant in grid.variants for seed in grid.seeds]
+    if not any(name in found for name in names):
+        raise ConfigError(
+            f"no experiment of grid {grid.name!r} ({names[0]}, ...) on commit {commit[:12]}: give --rev the commit "
+            "they ran on, or run the grid (without --collect-only); nothing was written"
+        )
+
+
 def summarise(values: list[float]) -> tuple[float, float, int]:
     """``(mean, sample std, n)`` over the finite values; std is 0 for one value, NaN for none."""
     finite = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
@@ -182,6 +201,8 @@ def summarise(values: list[float]) -> tuple[float, float, int]:
 
 def markdown_table(grid: Grid, values: dict[str, dict[str, list[float]]], where: str = "") -> str:
     """The summary as a markdown table: a row per variant, ``mean ± std`` per metric, n where runs are missing.
+
+    A metric with one value (one seed, or one run left) shows the value alone: a sample std needs two.
 
     Args:
         grid: The grid.
@@ -196,11 +217,13 @@ def markdown_table(grid: Grid, values: dict[str, dict[str, list[float]]], where:
         for metric in grid.metrics:
             mean, std, n = summarise(per_metric[metric])
             missing = f" (n={n})" if n != len(grid.seeds) else ""
-            cells.append("-" if n == 0 else f"{mean:.3f} ± {std:.3f}{missing}")
+            spread = f" ± {std:.3f}" if n > 1 else ""
+            cells.append("-" if n == 0 else f"{mean:.3f}{spread}{missing}")
         lines.append("| " + " | ".join([variant, overrides, *cells]) + " |")
     seeds = ", ".join(str(s) for s in grid.seeds)
+    over = f"Mean ± sample std over seeds {seeds}" if len(grid.seeds) > 1 else f"One run, seed {seeds}"
     lines.append("")
-    lines.append(f"Mean ± sample std over seeds {seeds}{'; ' + where if where else ''}.")
+    lines.append(f"{over}{'; ' + where if where else ''}.")
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,10 @@ def main(
         baseline = compare_run.commit_of(rev or "HEAD")  # before the runs: a commit made meanwhile is not theirs
         failed = [] if collect_only else compare_run.run_grid(grid, params, typer.echo)
         shown = compare_run.dvc_json("exp", "show", "--rev", baseline)
-        values = compare.collect(grid, compare.experiments(shown), dvc_yaml)
+        found = compare.experiments(shown)
+        if collect_only:
+            compare.require_runs(grid, found, baseline)
+        values = compare.collect(grid, found, dvc_yaml)
         context = {"commit": baseline[:12]} if collect_only else compare_run.run_context(baseline)
         typer.echo(compare.write_report(grid, values, out, context))
         if failed:

@@ -18,6 +18,7 @@ from pipeline.compare import (
     load_grid,
     markdown_table,
     metric_value,
+    require_runs,
     stages_up_to,
     summarise,
     write_report,
@@ -193,10 +194,47 @@ def test_markdown_table():
         "| variant | overrides | train_cls/val/map_classwise | cams/rcam/miou_argmax |",
         "|---|---|---|---|",
         "| on | - | 0.700 ± 0.141 | 0.600 ± 0.141 |",
-        "| off | `loss.ccl=false`, `cams.scales=[1.0, 0.5]` | 0.500 ± 0.000 (n=1) | 0.400 ± 0.000 (n=1) |",
+        "| off | `loss.ccl=false`, `cams.scales=[1.0, 0.5]` | 0.500 (n=1) | 0.400 (n=1) |",
         "",
         "Mean ± sample std over seeds 0, 1; commit abc.",
     ]
+
+
+def test_a_one_seed_table_shows_values_without_a_spread():
+    grid = GRID.model_copy(update={"seeds": (0,)})
+    table = markdown_table(grid, collect(grid, experiments(SHOWN), CAMS_DAG))
+    assert table.splitlines()[2:] == [
+        "| on | - | 0.800 | 0.500 |",
+        "| off | `loss.ccl=false`, `cams.scales=[1.0, 0.5]` | 0.500 | 0.400 |",
+        "",
+        "One run, seed 0.",
+    ]
+
+
+def test_require_runs_stops_only_when_no_run_of_the_grid_is_there():
+    require_runs(GRID, experiments(SHOWN), "abc123" * 7)  # one of four missing: reported as n=1
+    with pytest.raises(ConfigError, match=r"no experiment of grid 'ccl' \(ccl-on-s0, ...\) on commit abc123abc123: "):
+        require_runs(GRID, {"other-on-s0": {}}, "abc123" * 7)
+
+
+def test_collect_only_without_the_grids_runs_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(CAMS_DAG))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(GRID.model_dump(mode="json"), sort_keys=False))
+    monkeypatch.setattr("pipeline.compare_run.commit_of", lambda rev: "f" * 40)
+    monkeypatch.setattr("pipeline.compare_run.dvc_json", lambda *args: [{"rev": "f" * 40, "data": {}}])
+    result = CliRunner().invoke(app, ["compare", "grid.yaml", "--collect-only", "--out", "out"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [
+        "error: no experiment of grid 'ccl' (ccl-on-s0, ...) on commit ffffffffffff: give --rev the commit they ran "
+        "on, or run the grid (without --collect-only); nothing was written"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_write_report_writes_the_table_the_values_and_a_plot(tmp_path):
