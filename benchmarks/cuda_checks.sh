@@ -3,6 +3,7 @@
 # the CUDA tests, the VOC and COCO paper configs' one-epoch rehearsals, and the default synthetic benchmark's
 # whole DAG on the GPU (its metrics, to compare with the CPU run's committed ones).
 # Usage: bash benchmarks/cuda_checks.sh [OUT_DIR]   (logs and tables in OUT_DIR, default cuda_checks/)
+# Exits 2 with one line where there is no CUDA device, 1 when a check failed.
 set -uo pipefail
 out=${1:-cuda_checks}
 mkdir -p "$out"
@@ -18,8 +19,19 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/
     echo "== $name: exit $code after $((SECONDS - start)) s"
     [ "$code" -eq 0 ] || status=1
 }
+python3 - <<'PY' || exit 2
+import sys
+
+sys.path.insert(0, "benchmarks")
+from cuda_check import no_cuda_reason
+
+if reason := no_cuda_reason():
+    sys.exit(f"cuda_checks: no CUDA device: {reason}. Run it on a machine with an NVIDIA GPU.")
+import torch
+
+print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(0))
+PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))"
 step cuda_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_par.py -k cuda
 step voc_rehearsal 150 python3 benchmarks/cuda_check.py
 step default_dag 420 python3 benchmarks/cuda_check.py --params params.yaml --as-is --metrics-json "$out/default_metrics.json"

@@ -140,6 +140,17 @@ def test_cuda_check_exits_with_one_line_without_cuda(tmp_path):
     assert not (tmp_path / "run").exists(), "nothing was run"
 
 
+def test_cuda_checks_script_stops_with_one_line_without_cuda(tmp_path):
+    env = subprocess_env(CUDA_VISIBLE_DEVICES="")  # python3 is the venv's
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "cuda_checks.sh"), str(tmp_path / "out")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().startswith("cuda_checks: no CUDA device: ") and len(result.stderr.splitlines()) == 1
+    assert not list((tmp_path / "out").iterdir()), "no check ran"
+
+
 def _cuda_check():
     spec = importlib.util.spec_from_file_location("cuda_check", REPO / "benchmarks" / "cuda_check.py")
     check = importlib.util.module_from_spec(spec)
