@@ -75,10 +75,14 @@ def on_device(base: dict, device: str) -> dict:
     return base | {name: {**base[name], "device": device} for name in ON_DEVICE}
 
 
+def dvc_stages() -> dict[str, dict]:
+    """The stages of ``dvc.yaml``, in DAG order."""
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
 def stage_commands() -> dict[str, list[str]]:
     """Each DVC stage's command line from ``dvc.yaml`` (without the leading ``wsss``), in DAG order."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    return {name: shlex.split(stage["cmd"])[1:] for name, stage in stages.items()}
+    return {name: shlex.split(stage["cmd"])[1:] for name, stage in dvc_stages().items()}
 
 
 def run_stages(params: Path, workdir: Path, cuda: bool = True) -> list[tuple[str, float, float, float]]:
@@ -115,8 +119,7 @@ def run_stages(params: Path, workdir: Path, cuda: bool = True) -> list[tuple[str
 
 def metric_files() -> list[str]:
     """Every stage's metric files, as ``dvc.yaml`` names them (relative to the project's root)."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    return [path for stage in stages.values() for entry in stage.get("metrics", []) for path in entry]
+    return [path for stage in dvc_stages().values() for entry in stage.get("metrics", []) for path in entry]
 
 
 def read_metrics(workdir: Path) -> dict[str, dict]:
