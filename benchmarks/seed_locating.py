@@ -104,12 +104,12 @@ def main() -> None:
     parser.add_argument("--data", default="data/prepared")
     parser.add_argument("--model-dir", default="models/cls")
     parser.add_argument("--images", type=int, default=240)
-    parser.add_argument("--sources", default="structure,cam,truth", help="R-CAM rows: structure, cam, truth")
+    parser.add_argument("--sources", default=",".join(SOURCES), help=f"R-CAM rows, some of {', '.join(SOURCES)}")
     parser.add_argument("--features", choices=("hff", "backbone", "both"), default="hff")
     args = parser.parse_args()
     unknown = set(args.sources.split(",")) - set(SOURCES)
     if unknown:
-        raise SystemExit(f"error: unknown --sources {', '.join(sorted(unknown))} (structure, cam, truth)")
+        raise SystemExit(f"error: unknown --sources {', '.join(sorted(unknown))} ({', '.join(SOURCES)})")
     sources = tuple(SOURCES[name] for name in args.sources.split(","))
 
     cams = load_params(args.params).cams
@@ -130,7 +130,7 @@ def main() -> None:
         mask = present_class_mask([data.labels[i] for i in group], data.num_classes, device)
         truths = [data.load_mask(i) for i in group]
         cosines.append(token_cosine(model, x))
-        cam, rcams = None, {}
+        rcams = {}
         with mock.patch.object(HierarchicalFeatureFusion, "forward", fusion(args.features)):
             for name in sources:  # the CAM depends neither on the seeds nor on R-CAM's feature: keep one copy
                 if name == "ground truth":
