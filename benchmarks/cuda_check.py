@@ -12,6 +12,7 @@ stages' metrics (``dvc.yaml``'s metric files) to one JSON file, to compare with 
 
 Usage: python benchmarks/cuda_check.py [--params configs/coco_paper.yaml] [--images 32] [--image-size 448]
                                        [--workdir DIR] [--pretrained] [--as-is] [--metrics-json FILE]
+                                       [--until STAGE]
 """
 
 from __future__ import annotations
@@ -85,8 +86,12 @@ def stage_commands() -> dict[str, list[str]]:
     return {name: shlex.split(stage["cmd"])[1:] for name, stage in dvc_stages().items()}
 
 
-def run_stages(params: Path, workdir: Path, cuda: bool = True) -> list[tuple[str, float, float, float]]:
-    """Run every stage in ``workdir``; return ``(stage, seconds, peak allocated, peak reserved)`` (bytes, 0 off CUDA).
+def run_stages(
+    params: Path, workdir: Path, cuda: bool = True, until: str | None = None
+) -> list[tuple[str, float, float, float]]:
+    """Run the stages in ``workdir``; return ``(stage, seconds, peak allocated, peak reserved)`` (bytes, 0 off CUDA).
+
+    ``until`` names the last stage to run (default: every stage).
 
     Raises:
         SystemExit: With the stage's exit code when a stage fails.
@@ -112,6 +117,8 @@ def run_stages(params: Path, workdir: Path, cuda: bool = True) -> list[tuple[str
             peaks = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else (0, 0)
             rows.append((name, seconds, *peaks))
             print(f"{name}: {seconds:.1f} s, peak {peaks[0] / 2**30:.2f} GiB allocated", file=sys.stderr, flush=True)
+            if name == until:
+                break
     finally:
         os.chdir(home)
     return rows
@@ -123,8 +130,8 @@ def metric_files() -> list[str]:
 
 
 def read_metrics(workdir: Path) -> dict[str, dict]:
-    """The stages' metrics in ``workdir``: ``{path in dvc.yaml: its JSON}``."""
-    return {name: json.loads((workdir / name).read_text()) for name in metric_files()}
+    """The metrics the stages run in ``workdir`` wrote: ``{path in dvc.yaml: its JSON}``."""
+    return {name: json.loads((workdir / name).read_text()) for name in metric_files() if (workdir / name).is_file()}
 
 
 def main() -> None:
@@ -137,6 +144,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: try this script without a GPU")
     parser.add_argument("--as-is", action="store_true", help="run the config unchanged, not a one-epoch rehearsal")
     parser.add_argument("--metrics-json", type=Path, help="write the stages' metrics here, as one JSON file")
+    parser.add_argument("--until", choices=list(dvc_stages()), help="the last stage to run (default: all)")
     args = parser.parse_args()
     reason = no_cuda_reason() if args.device == "cuda" else None
     if reason is not None:
@@ -158,7 +166,7 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         params = workdir / "params.yaml"
         params.write_text(yaml.safe_dump(raw, sort_keys=False))
-        rows = run_stages(params, workdir, cuda=args.device == "cuda")
+        rows = run_stages(params, workdir, cuda=args.device == "cuda", until=args.until)
         if args.metrics_json is not None:
             args.metrics_json.write_text(json.dumps(read_metrics(workdir), indent=1))
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"

@@ -1,0 +1,217 @@
+"""Ensemble screen: does averaging the maps of K classifiers narrow the R-CAM seeds' spread over seeds?
+
+For every benchmark instance (``data.synthetic.seed``) and budget (E epochs x K members), trains K classifiers
+for E epochs each that differ only in their training seed (``seed = instance + 1000 * member``): ``prepare``,
+``train_cls`` and ``cams`` of each (``benchmarks/cuda_check.py --as-is --until cams``, several jobs at once).
+Then it scores, on the instance's training images, each member's stored CAM / R-CAM seeds alone and the seeds of
+the members' averaged maps (the ensemble), under the ``cams`` stage's protocols, and prints mean ± std over
+instances.
+
+Usage: python benchmarks/ensemble_screen.py --instances 40 41 42 --budgets 48x1 24x2 --jobs 8 \\
+           [--device cuda] [--threads 1] [--deadline 480] [--out DIR] [--params params.yaml]
+
+The jobs' logs, each member's metrics and ``screen.json`` (every score) land in ``--out``; jobs still running at
+``--deadline`` seconds are stopped and the instances they leave incomplete are scored on the members that finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from cuda_check import on_device  # noqa: E402
+
+from pipeline.config import read_yaml  # noqa: E402
+
+MAPS = ("cam", "rcam")
+CAMS_METRICS = "results/cams/metrics.json"
+
+
+def member_params(base: dict, instance: int, member: int, epochs: int, device: str, threads: int) -> dict:
+    """``base`` for one ensemble member: the instance's images, the member's training seed, ``epochs`` of training.
+
+    Args:
+        base: A complete params mapping.
+        instance: The benchmark instance (``data.synthetic.seed``), the same for every member.
+        member: The member's index; its training seed is ``instance + 1000 * member``.
+        epochs: ``train_cls.epochs``.
+        device: Where the model stages run.
+        threads: CPU threads of ``train_cls`` and ``cams`` (several jobs share the machine).
+    """
+    raw = on_device(base, device)
+    raw["seed"] = instance + 1000 * member
+    raw["data"] = {**raw["data"], "synthetic": {**raw["data"]["synthetic"], "seed": instance}}
+    raw["train_cls"] = {**raw["train_cls"], "epochs": epochs, "threads": threads}
+    raw["cams"] = {**raw["cams"], "threads": threads}
+    return raw
+
+
+def job_dir(out: Path, instance: int, epochs: int, member: int) -> Path:
+    """The working directory of one member's run."""
+    return out / f"i{instance}-e{epochs}-m{member}"
+
+
+def finished(workdir: Path) -> bool:
+    """Whether the member's run in ``workdir`` wrote the ``cams`` stage's metrics."""
+    metrics = workdir / "metrics.json"
+    return metrics.is_file() and CAMS_METRICS in json.loads(metrics.read_text())
+
+
+def run_job(workdir: Path, raw: dict, device: str, deadline: float) -> bool:
+    """Run ``prepare`` .. ``cams`` of one member in ``workdir``; ``False`` if it failed or ran past ``deadline``.
+
+    A member that finished before with the same params is not run again (a screen can be resumed or extended).
+    """
+    text = yaml.safe_dump(raw, sort_keys=False)
+    if finished(workdir) and (workdir / "input.yaml").read_text() == text:
+        return True
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "metrics.json").unlink(missing_ok=True)
+    (workdir / "input.yaml").write_text(text)
+    command = [sys.executable, str(REPO / "benchmarks" / "cuda_check.py"), "--params", str(workdir / "input.yaml")]
+    command += ["--as-is", "--until", "cams", "--workdir", str(workdir), "--device", device]
+    command += ["--metrics-json", str(workdir / "metrics.json")]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with (workdir / "log.txt").open("w") as log:
+        try:
+            left = deadline - time.time()
+            if left <= 0:
+                return False
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=left)
+        except subprocess.TimeoutExpired:
+            return False
+    return done.returncode == 0 and finished(workdir)
+
+
+def ensemble_scores(stores: list, data, thresholds: np.ndarray) -> dict[str, float]:
+    """Seed mIoU of the members' averaged maps, on every scored image of the stores.
+
+    Args:
+        stores: One :class:`pipeline.io.CamStore` per member, over the same images.
+        data: The :class:`pipeline.data.layout.PreparedDataset` the stores were made from (the ground truth).
+        thresholds: The background sweep's grid.
+
+    Returns:
+        ``{"<map>/miou_argmax": ..., "<map>/miou_best": ...}`` for ``cam`` and ``rcam``.
+    """
+    from pipeline.metrics import SeedEvaluator
+
+    evaluators = {name: SeedEvaluator(data.num_classes, thresholds) for name in MAPS}
+    for image_id in stores[0].ids:
+        loaded = [store.load(image_id) for store in stores]
+        keys = loaded[0]["keys"]
+        gt = data.load_mask(image_id)
+        for name, evaluator in evaluators.items():
+            maps = np.mean([member[name].astype(np.float32) for member in loaded], axis=0)  # (K, H, W)
+            evaluator.add(maps, keys, gt)
+    scores = {}
+    for name, evaluator in evaluators.items():
+        summary = evaluator.summary()
+        scores |= {f"{name}/miou_argmax": summary["miou_argmax"], f"{name}/miou_best": summary["miou_best"]}
+    return scores
+
+
+def score_instance(out: Path, instance: int, epochs: int, members: list[int], thresholds: np.ndarray) -> dict:
+    """Scores of one instance at one epoch budget: each finished member alone, and their ensemble."""
+    from pipeline.data.layout import PreparedDataset
+    from pipeline.io import CamStore
+
+    dirs = [job_dir(out, instance, epochs, m) for m in members]
+    data = PreparedDataset.open(dirs[0] / "data" / "prepared")
+    stores = [CamStore(d / "data" / "cams") for d in dirs]
+    row = {"instance": instance, "epochs": epochs, "members": len(members)}
+    row["val_map"] = [json.loads((d / "metrics.json").read_text())["results/train_cls/metrics.json"]["val"]
+                      ["map_classwise"] for d in dirs]  # fmt: skip
+    row["single"] = [ensemble_scores([store], data, thresholds) for store in stores]
+    row["ensemble"] = ensemble_scores(stores, data, thresholds) if len(stores) > 1 else row["single"][0]
+    return row
+
+
+def budget(text: str) -> tuple[int, int]:
+    """``"24x2"`` -> ``(24, 2)``: epochs per member, members."""
+    try:
+        epochs, members = (int(part) for part in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not EPOCHSxMEMBERS, e.g. 24x2") from None
+    return epochs, members
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` (sample std) of ``values``, 3 decimals."""
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: per budget, each member alone and the ensemble (mean ± std over the instances it completed).
+
+    The argmax protocol's mIoU (the ``cams`` stage's headline).
+    """
+    lines = ["| budget | instances | val mAP (each member) | CAM (each member) | R-CAM (each member) | CAM (ensemble) "
+             "| R-CAM (ensemble) | R-CAM per instance (ensemble) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for epochs, size in sorted({(r["epochs"], r["budget_members"]) for r in rows}, reverse=True):
+        group = [r for r in rows if (r["epochs"], r["budget_members"], r["members"]) == (epochs, size, size)]
+        if not group:
+            continue
+        val = [v for r in group for v in r["val_map"]]
+        cells = [mean_std([s[f"{name}/miou_argmax"] for r in group for s in r["single"]]) for name in MAPS]
+        cells += [mean_std([r["ensemble"][f"{name}/miou_argmax"] for r in group]) for name in MAPS]
+        each = ", ".join(f"{r['instance']}: {r['ensemble']['rcam/miou_argmax']:.3f}" for r in group)
+        lines.append(f"| {epochs}x{size} | {len(group)} | {mean_std(val)} | {' | '.join(cells)} | {each} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--instances", type=int, nargs="+", required=True)
+    parser.add_argument("--budgets", type=budget, nargs="+", default=[(48, 1), (24, 2)], help="EPOCHSxMEMBERS")
+    parser.add_argument("--jobs", type=int, default=1, help="member runs at once")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later runs are stopped")
+    parser.add_argument("--out", type=Path, default=Path("ensemble_screen"))
+    args = parser.parse_args()
+    from pipeline.metrics import threshold_grid
+
+    base = read_yaml(args.params)
+    deadline = time.time() + args.deadline
+    plan = [(i, e, m) for i in args.instances for e, k in args.budgets for m in range(k)]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        raws = [member_params(base, i, m, e, args.device, args.threads) for i, e, m in plan]
+        futures = [pool.submit(run_job, job_dir(args.out, i, e, m), raw, args.device, deadline)
+                   for (i, e, m), raw in zip(plan, raws, strict=True)]  # fmt: skip
+        done = {job for job, future in zip(plan, futures, strict=True) if future.result()}
+    print(f"{len(done)} of {len(plan)} runs finished", file=sys.stderr)
+    thresholds = threshold_grid(base["cams"]["sweep"]["max"], base["cams"]["sweep"]["step"])
+    scored = []
+    for instance in args.instances:
+        for epochs, size in args.budgets:
+            members = [m for m in range(size) if (instance, epochs, m) in done]
+            if members:
+                scored.append(((args.out, instance, epochs, members, thresholds), size))
+    if not scored:
+        raise SystemExit(f"ensemble_screen: no run finished; their logs are in {args.out}/*/log.txt")
+    with ProcessPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(score_instance, *zip(*(task for task, _ in scored), strict=True)))
+    rows = [row | {"budget_members": size} for row, (_, size) in zip(rows, scored, strict=True)]
+    (args.out / "screen.json").write_text(json.dumps(rows, indent=1))
+    print(summary_table(rows))
+
+
+if __name__ == "__main__":
+    main()
