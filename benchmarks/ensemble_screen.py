@@ -7,8 +7,11 @@ Then it scores, on the instance's training images, each member's stored CAM / R-
 the members' averaged maps (the ensemble), under the ``cams`` stage's protocols, and prints mean ± std over
 instances.
 
+Member 0 of an instance is the run of ``seed = instance`` of the config (whose images' seed is the run's seed).
+``--set KEY=VALUE`` changes the config of every member (``dvc exp run -S`` style: a dotted key, a YAML value).
+
 Usage: python benchmarks/ensemble_screen.py --instances 40 41 42 --budgets 48x1 24x2 --jobs 8 \\
-           [--device cuda] [--threads 1] [--deadline 480] [--out DIR] [--params params.yaml]
+           [--device cuda] [--threads 1] [--deadline 480] [--out DIR] [--params params.yaml] [--set KEY=VALUE ...]
 
 The jobs' logs, each member's metrics and ``screen.json`` (every score) land in ``--out``; jobs still running at
 ``--deadline`` seconds are stopped and the instances they leave incomplete are scored on the members that finished.
@@ -57,6 +60,27 @@ def member_params(base: dict, instance: int, member: int, epochs: int, device: s
     raw["data"] = {**raw["data"], "synthetic": {**raw["data"]["synthetic"], "seed": instance}}
     raw["train_cls"] = {**raw["train_cls"], "epochs": epochs, "threads": threads}
     raw["cams"] = {**raw["cams"], "threads": threads}
+    return raw
+
+
+def override(text: str) -> tuple[list[str], object]:
+    """``"model.pretrained=w.safetensors"`` -> ``(["model", "pretrained"], "w.safetensors")`` (value read as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, e.g. train_cls.lr=0.001")
+    return key.split("."), yaml.safe_load(value)
+
+
+def with_overrides(raw: dict, overrides: list[tuple[list[str], object]]) -> dict:
+    """A copy of ``raw`` with each ``(dotted key, value)`` set; a key that names no existing setting fails."""
+    raw = json.loads(json.dumps(raw))
+    for path, value in overrides:
+        section = raw
+        for name in path[:-1]:
+            section = section.get(name) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or path[-1] not in section:
+            raise SystemExit(f"ensemble_screen: --set {'.'.join(path)}: no such setting in the params")
+        section[path[-1]] = value
     return raw
 
 
@@ -185,10 +209,11 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later runs are stopped")
     parser.add_argument("--out", type=Path, default=Path("ensemble_screen"))
+    parser.add_argument("--set", type=override, action="append", default=[], help="KEY=VALUE for every member")
     args = parser.parse_args()
     from pipeline.metrics import threshold_grid
 
-    base = read_yaml(args.params)
+    base = with_overrides(read_yaml(args.params), args.set)
     deadline = time.time() + args.deadline
     plan = [(i, e, m) for i in args.instances for e, k in args.budgets for m in range(k)]
     with ThreadPoolExecutor(args.jobs) as pool:

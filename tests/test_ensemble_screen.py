@@ -40,6 +40,19 @@ def test_members_share_the_images_and_differ_in_the_training_seed() -> None:
     assert base["data"]["synthetic"]["seed"] is None and base["train_cls"]["epochs"] == 48, "base left as it was"
 
 
+def test_overrides_set_existing_dotted_keys_to_yaml_values() -> None:
+    base = {"model": {"pretrained": "none", "swin": {"depths": [1, 1]}}, "seed": 0}
+    pairs = [screen.override("model.pretrained=w.safetensors"), screen.override("model.swin.depths=[2, 2]")]
+    assert screen.with_overrides(base, pairs) == {"model": {"pretrained": "w.safetensors", "swin": {"depths": [2, 2]}},
+                                                  "seed": 0}  # fmt: skip
+    assert base["model"]["pretrained"] == "none", "base left as it was"
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        screen.override("model.pretrained")
+    for key in ("model.pretrianed=x", "seed.x=1", "nothing=1"):
+        with pytest.raises(SystemExit, match="no such setting"):
+            screen.with_overrides(base, [screen.override(key)])
+
+
 def _store(path, background: list[list[float]]) -> CamStore:
     """One 2x2 image, classes background + 1; the class's map is 1 - background."""
     bg = np.array(background, np.float32)
