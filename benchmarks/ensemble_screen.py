@@ -130,11 +130,12 @@ def ensemble_scores(stores: list, data, thresholds: np.ndarray) -> dict[str, flo
         thresholds: The background sweep's grid.
 
     Returns:
-        ``{"<map>/miou_argmax": ..., "<map>/miou_best": ...}`` for ``cam`` and ``rcam``.
+        ``{"<map>/miou_argmax": ..., "<map>/miou_best": ...}`` for ``cam`` and, when stored (V2), ``rcam``.
     """
     from pipeline.metrics import SeedEvaluator
 
-    evaluators = {name: SeedEvaluator(data.num_classes, thresholds) for name in MAPS}
+    stored = stores[0].load(stores[0].ids[0])
+    evaluators = {name: SeedEvaluator(data.num_classes, thresholds) for name in MAPS if name in stored}
     for image_id in stores[0].ids:
         loaded = [store.load(image_id) for store in stores]
         keys = loaded[0]["keys"]
@@ -183,19 +184,23 @@ def mean_std(values: list[float]) -> str:
 def summary_table(rows: list[dict]) -> str:
     """Markdown: per budget, each member alone and the ensemble (mean ± std over the instances it completed).
 
-    The argmax protocol's mIoU (the ``cams`` stage's headline).
+    The argmax protocol's mIoU (the ``cams`` stage's headline); R-CAM's cells are empty for V1, which has none, and
+    the last column is R-CAM's, else the CAM's.
     """
     lines = ["| budget | instances | val mAP (each member) | CAM (each member) | R-CAM (each member) | CAM (ensemble) "
-             "| R-CAM (ensemble) | R-CAM per instance (ensemble) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| R-CAM (ensemble) | per instance (ensemble) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for epochs, size in sorted({(r["epochs"], r["budget_members"]) for r in rows}, reverse=True):
         group = [r for r in rows if (r["epochs"], r["budget_members"], r["members"]) == (epochs, size, size)]
         if not group:
             continue
-        val = [v for r in group for v in r["val_map"]]
-        cells = [mean_std([s[f"{name}/miou_argmax"] for r in group for s in r["single"]]) for name in MAPS]
-        cells += [mean_std([r["ensemble"][f"{name}/miou_argmax"] for r in group]) for name in MAPS]
-        each = ", ".join(f"{r['instance']}: {r['ensemble']['rcam/miou_argmax']:.3f}" for r in group)
-        lines.append(f"| {epochs}x{size} | {len(group)} | {mean_std(val)} | {' | '.join(cells)} | {each} |")
+        keys = [f"{name}/miou_argmax" for name in MAPS if f"{name}/miou_argmax" in group[0]["ensemble"]]
+        members = {key: mean_std([s[key] for r in group for s in r["single"]]) for key in keys}
+        ensembles = {key: mean_std([r["ensemble"][key] for r in group]) for key in keys}
+        cells = [members.get(f"{name}/miou_argmax", "") for name in MAPS]
+        cells += [ensembles.get(f"{name}/miou_argmax", "") for name in MAPS]
+        each = ", ".join(f"{r['instance']}: {r['ensemble'][keys[-1]]:.3f}" for r in group)
+        val = mean_std([v for r in group for v in r["val_map"]])
+        lines.append(f"| {epochs}x{size} | {len(group)} | {val} | {' | '.join(cells)} | {each} |")
     return "\n".join(lines)
 
 

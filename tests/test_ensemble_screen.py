@@ -53,12 +53,12 @@ def test_overrides_set_existing_dotted_keys_to_yaml_values() -> None:
             screen.with_overrides(base, [screen.override(key)])
 
 
-def _store(path, background: list[list[float]]) -> CamStore:
+def _store(path, background: list[list[float]], names: tuple[str, ...] = ("cam", "rcam")) -> CamStore:
     """One 2x2 image, classes background + 1; the class's map is 1 - background."""
     bg = np.array(background, np.float32)
     maps = np.stack([bg, 1 - bg]).astype(np.float16)  # (2, 2, 2)
     with CamWriter(path, 8, quantize=False, stride=1) as writer:
-        writer.add("a", np.array([0, 1]), {"cam": maps, "rcam": maps})
+        writer.add("a", np.array([0, 1]), dict.fromkeys(names, maps))
     return CamStore(path)
 
 
@@ -74,6 +74,8 @@ def test_the_ensemble_averages_the_members_maps(tmp_path) -> None:
     assert screen.ensemble_scores([second], data, grid)["cam/miou_argmax"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     both = screen.ensemble_scores([first, second], data, grid)  # background [[.55, .4], [.65, .4]]: the truth
     assert both["rcam/miou_argmax"] == pytest.approx(1.0) and both["cam/miou_best"] == pytest.approx(1.0)
+    v1 = screen.ensemble_scores([_store(tmp_path / "v1", [[0.7, 0.4], [0.4, 0.4]], ("cam",))], data, grid)
+    assert v1.keys() == {"cam/miou_argmax", "cam/miou_best"}
 
 
 def test_summary_table_gives_mean_and_std_of_members_and_ensembles() -> None:
@@ -90,6 +92,11 @@ def test_summary_table_gives_mean_and_std_of_members_and_ensembles() -> None:
     assert cells[:3] == ["24x2", "2", "0.900 ± 0.000"]
     assert cells[4] == "0.700 ± 0.115"  # 0.6, 0.8, 0.6, 0.8
     assert cells[6] == "0.750 ± 0.071" and cells[7] == "1: 0.700, 2: 0.800"
+    for one in rows:  # V1: no R-CAM
+        for scores in (*one["single"], one["ensemble"]):
+            del scores["rcam/miou_argmax"]
+    cells = [cell.strip() for cell in screen.summary_table(rows).splitlines()[2].split("|")[1:-1]]
+    assert cells[3:8] == ["0.600 ± 0.115", "", "0.650 ± 0.071", "", "1: 0.600, 2: 0.700"]
 
 
 @pytest.mark.slow
