@@ -9,6 +9,7 @@ instances.
 
 Member 0 of an instance is the run of ``seed = instance`` of the config (whose images' seed is the run's seed).
 ``--set KEY=VALUE`` changes the config of every member (``dvc exp run -S`` style: a dotted key, a YAML value).
+Each run works in its own directory: give the params' paths (``model.pretrained``, ``data.root``) absolute.
 
 Usage: python benchmarks/ensemble_screen.py --instances 40 41 42 --budgets 48x1 24x2 --jobs 8 \\
            [--device cuda] [--threads 1] [--deadline 480] [--out DIR] [--params params.yaml] [--set KEY=VALUE ...]
@@ -26,11 +27,12 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,7 +40,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cuda_check import on_device  # noqa: E402
 
-from pipeline.config import read_yaml  # noqa: E402
+from pipeline.config import parse_params, read_yaml  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
 
 MAPS = ("cam", "rcam")
 CAMS_METRICS = "results/cams/metrics.json"
@@ -221,11 +224,18 @@ def main() -> None:
     base = with_overrides(read_yaml(args.params), args.set)
     deadline = time.time() + args.deadline
     plan = [(i, e, m) for i in args.instances for e, k in args.budgets for m in range(k)]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        raws = [member_params(base, i, m, e, args.device, args.threads) for i, e, m in plan]
-        futures = [pool.submit(run_job, job_dir(args.out, i, e, m), raw, args.device, deadline)
-                   for (i, e, m), raw in zip(plan, raws, strict=True)]  # fmt: skip
-        done = {job for job, future in zip(plan, futures, strict=True) if future.result()}
+    raws = [member_params(base, i, m, e, args.device, args.threads) for i, e, m in plan]
+    try:
+        parse_params(raws[0], args.params)  # a bad --set fails here, in one line
+    except ConfigError as exc:
+        raise SystemExit(f"ensemble_screen: {exc}") from None
+    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(plan), desc="member runs", unit="run") as bar:
+        futures = {pool.submit(run_job, job_dir(args.out, i, e, m), raw, args.device, deadline): (i, e, m)
+                   for (i, e, m), raw in zip(plan, raws, strict=True)}  # fmt: skip
+        done = set()
+        for future in as_completed(futures):
+            done |= {futures[future]} if future.result() else set()
+            bar.update()
     print(f"{len(done)} of {len(plan)} runs finished", file=sys.stderr)
     thresholds = threshold_grid(base["cams"]["sweep"]["max"], base["cams"]["sweep"]["step"])
     scored = []

@@ -99,6 +99,16 @@ def test_summary_table_gives_mean_and_std_of_members_and_ensembles() -> None:
     assert cells[3:8] == ["0.600 ± 0.115", "", "0.650 ± 0.071", "", "1: 0.600, 2: 0.700"]
 
 
+def test_a_bad_setting_stops_the_screen_in_one_line_before_any_run(tmp_path) -> None:
+    command = [sys.executable, str(REPO / "benchmarks" / "ensemble_screen.py"), "--instances", "1", "--device", "cpu"]
+    command += ["--set", "train_cls.lr=-1", "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False)
+    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and line.startswith("ensemble_screen: "), result.stderr
+    assert line.endswith("params.yaml: train_cls.lr = -1 is invalid: Input should be greater than 0")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_a_tiny_screen_runs_the_members_up_to_cams_and_scores_them(tmp_path) -> None:
     params = write_params(tmp_path / "params.yaml", tiny_params_dict())
