@@ -12,7 +12,8 @@ Member 0 of an instance is the run of ``seed = instance`` of the config (whose i
 Each run works in its own directory: give the params' paths (``model.pretrained``, ``data.root``) absolute.
 
 Usage: python benchmarks/ensemble_screen.py --instances 40 41 42 --budgets 48x1 24x2 --jobs 8 \\
-           [--device cuda] [--threads 1] [--deadline 480] [--out DIR] [--params params.yaml] [--set KEY=VALUE ...]
+           [--device auto|cuda|cpu] [--threads 1] [--deadline 480] [--out DIR] [--params params.yaml]
+           [--set KEY=VALUE ...]
 
 The jobs' logs, each member's metrics and ``screen.json`` (every score) land in ``--out``; jobs still running at
 ``--deadline`` seconds are stopped and the instances they leave incomplete are scored on the members that finished.
@@ -38,13 +39,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from cuda_check import on_device  # noqa: E402
+from cuda_check import no_cuda_reason, on_device  # noqa: E402
 
 from pipeline.config import parse_params, read_yaml  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 
 MAPS = ("cam", "rcam")
 CAMS_METRICS = "results/cams/metrics.json"
+PROTOCOLS = ("miou_argmax", "miou_best")
 
 
 def member_params(base: dict, instance: int, member: int, epochs: int, device: str, threads: int) -> dict:
@@ -124,8 +126,8 @@ def run_job(workdir: Path, raw: dict, device: str, deadline: float) -> bool:
     return done.returncode == 0 and finished(workdir)
 
 
-def ensemble_scores(stores: list, data, thresholds: np.ndarray) -> dict[str, float]:
-    """Seed mIoU of the members' averaged maps, on every scored image of the stores.
+def ensemble_scores(stores: list, data, thresholds: np.ndarray) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Seed mIoU of each member's maps alone and of the members' averaged maps, in one pass over the stores.
 
     Args:
         stores: One :class:`pipeline.io.CamStore` per member, over the same images.
@@ -133,39 +135,41 @@ def ensemble_scores(stores: list, data, thresholds: np.ndarray) -> dict[str, flo
         thresholds: The background sweep's grid.
 
     Returns:
-        ``{"<map>/miou_argmax": ..., "<map>/miou_best": ...}`` for ``cam`` and, when stored (V2), ``rcam``.
+        Each member's scores and the ensemble's (one member: the same), each ``{"<map>/miou_argmax": ...,
+        "<map>/miou_best": ...}`` for ``cam`` and, when stored (V2), ``rcam``.
     """
     from pipeline.metrics import SeedEvaluator
 
-    stored = stores[0].load(stores[0].ids[0])
-    evaluators = {name: SeedEvaluator(data.num_classes, thresholds) for name in MAPS if name in stored}
+    names = [name for name in MAPS if name in stores[0].load(stores[0].ids[0])]
+    groups = len(stores) + 1 if len(stores) > 1 else 1  # each member, then their average
+    evaluators = [{name: SeedEvaluator(data.num_classes, thresholds) for name in names} for _ in range(groups)]
     for image_id in stores[0].ids:
         loaded = [store.load(image_id) for store in stores]
         keys = loaded[0]["keys"]
         gt = data.load_mask(image_id)
-        for name, evaluator in evaluators.items():
-            maps = np.mean([member[name].astype(np.float32) for member in loaded], axis=0)  # (K, H, W)
-            evaluator.add(maps, keys, gt)
-    scores = {}
-    for name, evaluator in evaluators.items():
-        summary = evaluator.summary()
-        scores |= {f"{name}/miou_argmax": summary["miou_argmax"], f"{name}/miou_best": summary["miou_best"]}
-    return scores
+        for name in names:
+            maps = [member[name].astype(np.float32) for member in loaded]  # K x (N, H, W)
+            maps += [np.mean(maps, axis=0)] if groups > 1 else []
+            for group, member_maps in zip(evaluators, maps, strict=True):
+                group[name].add(member_maps, keys, gt)
+    scores = []
+    for group in evaluators:
+        summaries = {name: evaluator.summary() for name, evaluator in group.items()}
+        scores.append({f"{name}/{k}": summary[k] for name, summary in summaries.items() for k in PROTOCOLS})
+    return scores[: len(stores)], scores[-1]
 
 
-def score_instance(out: Path, instance: int, epochs: int, members: list[int], thresholds: np.ndarray) -> dict:
-    """Scores of one instance at one epoch budget: each finished member alone, and their ensemble."""
+def score_instance(out: Path, instance: int, epochs: int, size: int, members: list[int], thresholds) -> dict:
+    """Scores of one instance at one budget (``epochs`` x ``size``) on the ``members`` that finished."""
     from pipeline.data.layout import PreparedDataset
     from pipeline.io import CamStore
 
     dirs = [job_dir(out, instance, epochs, m) for m in members]
     data = PreparedDataset.open(dirs[0] / "data" / "prepared")
-    stores = [CamStore(d / "data" / "cams") for d in dirs]
-    row = {"instance": instance, "epochs": epochs, "members": len(members)}
+    row = {"instance": instance, "epochs": epochs, "members": len(members), "budget_members": size}
     row["val_map"] = [json.loads((d / "metrics.json").read_text())["results/train_cls/metrics.json"]["val"]
                       ["map_classwise"] for d in dirs]  # fmt: skip
-    row["single"] = [ensemble_scores([store], data, thresholds) for store in stores]
-    row["ensemble"] = ensemble_scores(stores, data, thresholds) if len(stores) > 1 else row["single"][0]
+    row["single"], row["ensemble"] = ensemble_scores([CamStore(d / "data" / "cams") for d in dirs], data, thresholds)
     return row
 
 
@@ -214,41 +218,42 @@ def main() -> None:
     parser.add_argument("--budgets", type=budget, nargs="+", default=[(48, 1), (24, 2)], help="EPOCHSxMEMBERS")
     parser.add_argument("--jobs", type=int, default=1, help="member runs at once")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if there is one")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later runs are stopped")
     parser.add_argument("--out", type=Path, default=Path("ensemble_screen"))
     parser.add_argument("--set", type=override, action="append", default=[], help="KEY=VALUE for every member")
     args = parser.parse_args()
     from pipeline.metrics import threshold_grid
 
+    reason = no_cuda_reason() if args.device != "cpu" else None
+    if args.device == "cuda" and reason:
+        raise SystemExit(f"ensemble_screen: no CUDA device: {reason}; --device cpu runs on the CPU")
+    device = "cpu" if args.device == "cpu" or reason else "cuda"
+
     base = with_overrides(read_yaml(args.params), args.set)
     deadline = time.time() + args.deadline
     plan = [(i, e, m) for i in args.instances for e, k in args.budgets for m in range(k)]
-    raws = [member_params(base, i, m, e, args.device, args.threads) for i, e, m in plan]
+    raws = [member_params(base, i, m, e, device, args.threads) for i, e, m in plan]
     try:
         parse_params(raws[0], args.params)  # a bad --set fails here, in one line
     except ConfigError as exc:
         raise SystemExit(f"ensemble_screen: {exc}") from None
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(plan), desc="member runs", unit="run") as bar:
-        futures = {pool.submit(run_job, job_dir(args.out, i, e, m), raw, args.device, deadline): (i, e, m)
+        futures = {pool.submit(run_job, job_dir(args.out, i, e, m), raw, device, deadline): (i, e, m)
                    for (i, e, m), raw in zip(plan, raws, strict=True)}  # fmt: skip
         done = set()
         for future in as_completed(futures):
-            done |= {futures[future]} if future.result() else set()
+            if future.result():
+                done.add(futures[future])
             bar.update()
     print(f"{len(done)} of {len(plan)} runs finished", file=sys.stderr)
     thresholds = threshold_grid(base["cams"]["sweep"]["max"], base["cams"]["sweep"]["step"])
-    scored = []
-    for instance in args.instances:
-        for epochs, size in args.budgets:
-            members = [m for m in range(size) if (instance, epochs, m) in done]
-            if members:
-                scored.append(((args.out, instance, epochs, members, thresholds), size))
-    if not scored:
+    tasks = [(args.out, i, e, size, members, thresholds) for i in args.instances for e, size in args.budgets
+             if (members := [m for m in range(size) if (i, e, m) in done])]  # fmt: skip
+    if not tasks:
         raise SystemExit(f"ensemble_screen: no run finished; their logs are in {args.out}/*/log.txt")
     with ProcessPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(score_instance, *zip(*(task for task, _ in scored), strict=True)))
-    rows = [row | {"budget_members": size} for row, (_, size) in zip(rows, scored, strict=True)]
+        rows = [future.result() for future in [pool.submit(score_instance, *task) for task in tasks]]
     (args.out / "screen.json").write_text(json.dumps(rows, indent=1))
     print(summary_table(rows))
 

@@ -68,13 +68,15 @@ def test_the_ensemble_averages_the_members_maps(tmp_path) -> None:
     first = _store(tmp_path / "a", [[0.7, 0.4], [0.4, 0.4]])  # predicts [[0, 1], [1, 1]]
     second = _store(tmp_path / "b", [[0.4, 0.4], [0.9, 0.4]])  # predicts [[1, 1], [0, 1]]
     grid = threshold_grid(0.6, 0.1)
-    alone = screen.ensemble_scores([first], data, grid)
+    (alone,), ensemble = screen.ensemble_scores([first], data, grid)
+    assert ensemble == alone, "one member is its own ensemble"
     # background: 1 of 2 pixels found, no false one -> 1/2; class: 2 of 2 plus 1 false -> 2/3
     assert alone["rcam/miou_argmax"] == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert screen.ensemble_scores([second], data, grid)["cam/miou_argmax"] == pytest.approx((1 / 2 + 2 / 3) / 2)
-    both = screen.ensemble_scores([first, second], data, grid)  # background [[.55, .4], [.65, .4]]: the truth
+    assert screen.ensemble_scores([second], data, grid)[1]["cam/miou_argmax"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    members, both = screen.ensemble_scores([first, second], data, grid)  # background [[.55, .4], [.65, .4]]: truth
+    assert members[0] == alone and members[1]["rcam/miou_argmax"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert both["rcam/miou_argmax"] == pytest.approx(1.0) and both["cam/miou_best"] == pytest.approx(1.0)
-    v1 = screen.ensemble_scores([_store(tmp_path / "v1", [[0.7, 0.4], [0.4, 0.4]], ("cam",))], data, grid)
+    v1 = screen.ensemble_scores([_store(tmp_path / "v1", [[0.7, 0.4], [0.4, 0.4]], ("cam",))], data, grid)[1]
     assert v1.keys() == {"cam/miou_argmax", "cam/miou_best"}
 
 
