@@ -30,6 +30,9 @@ from pipeline.errors import ConfigError
 FROM_LIST = Field(strict=False)
 """Lets a tuple field take the list YAML gives; its items stay strict (the model's ``strict=True`` applies to them)."""
 SEED_LIMIT = 2**32
+# The default Swin's start: pretrained on generated scenes of 60 other classes (docs/pretraining.md), relative to
+# the project's root, where DVC runs the stages
+DEFAULT_SWIN_WEIGHTS = "weights/swin_small_scenes.safetensors"
 """Seeds are below this: NumPy's legacy seeding accepts no more (torch takes 64 bits)."""
 MIN_SWEEP_STEP = 1e-3
 """The finest threshold step of the seed sweep: at most 1,001 thresholds, one confusion matrix each."""
@@ -210,6 +213,8 @@ class ModelParams(Section):
     """The classifier: ``arch`` ``swtformer`` (a Swin backbone; ``version`` V1/V2) or ``deit`` (``vit``).
 
     ``deit`` reads ``vit``, ``drop_path_rate``, ``final_norm`` and ``head_kernel``; the other keys are SWTformer's.
+    ``pretrained`` defaults to the shipped scene-pretrained weights of the default ``swin`` (a Swin of another
+    size needs ``none``, its own file or a timm tag).
     """
 
     arch: Literal["swtformer", "deit"] = "swtformer"
@@ -217,7 +222,7 @@ class ModelParams(Section):
     backbone: str = "small"
     swin: SwinParams = SwinParams()
     vit: ViTParams = ViTParams()
-    pretrained: str = "none"
+    pretrained: str = DEFAULT_SWIN_WEIGHTS
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
     final_norm: bool = True
     head_kernel: Annotated[Literal[1, 3], BeforeValidator(_exact_int)] = 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,6 +32,7 @@ TINY_OVERRIDES: dict[str, Any] = {
             "window_size": [2, 2, 2, 2],
         },
         "hff_dims": [4, 4, 8, 8],
+        "pretrained": "none",  # the shipped weights are the default Swin's, not this one's
     },
     "train_cls": {
         "epochs": 2,
@@ -101,6 +103,15 @@ def default_params_dict(**overrides: Any) -> dict[str, Any]:
 def tiny_params_dict(**overrides: Any) -> dict[str, Any]:
     """The tiny configuration as plain data; keyword arguments are per-section overrides (merged deeply)."""
     return deep_update(default_params_dict(**TINY_OVERRIDES), overrides)
+
+
+def copy_pipeline(root: Path) -> Path:
+    """Copy what ``dvc repro`` needs of the project into ``root``: the DAG, the code and the shipped weights."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    for folder in ("pipeline", "stages", "weights"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return root
 
 
 def write_params(path: Path, raw: dict[str, Any]) -> Path:

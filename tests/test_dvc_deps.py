@@ -16,7 +16,7 @@ import ast
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, default_params
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGE_NAMES = sorted(DVC["stages"])
@@ -131,3 +131,10 @@ def test_module_paths():
     assert module_path("pipeline.models.no_such_module") is None
     assert module_path("numpy") is None
     assert not runs_code("pipeline/models/__init__.py") and runs_code("pipeline/training.py")
+
+
+def test_the_default_pretrained_weights_are_a_dep_of_train_cls():
+    """Re-writing the shipped weights (``wsss pretrain``) re-runs the classifier: they are its starting point."""
+    weights = default_params().model.pretrained
+    assert (REPO / weights).is_file()
+    assert weights in DVC["stages"]["train_cls"]["deps"]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN, subprocess_env, tiny_params_dict, write_params
+from conftest import REPO, VENV_BIN, copy_pipeline, subprocess_env, tiny_params_dict, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +57,7 @@ def _dvc(*args: str) -> tuple[str, ...]:
 def project(tmp_path_factory) -> Project:
     """A fresh git + DVC repository holding the pipeline's code and DAG, reproduced once with tiny params."""
     root = tmp_path_factory.mktemp("dvc_project")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    for package in ("pipeline", "stages"):
-        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    copy_pipeline(root)
     write_params(root / "params.yaml", tiny_params_dict())
     (root / ".gitignore").write_text("__pycache__/\n/checkpoints/\n")
     project = Project(root)

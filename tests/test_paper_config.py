@@ -4,13 +4,12 @@ fixture runs through ``prepare -> train_cls -> cams`` (seeds for train_aug score
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN, subprocess_env, tiny_params_dict, write_params
+from conftest import REPO, VENV_BIN, copy_pipeline, subprocess_env, tiny_params_dict, write_params
 from raw_fixtures import VOC_TRAIN, VOC_TRAIN_AUG, make_voc
 from typer.testing import CliRunner
 
@@ -104,11 +103,7 @@ def voc_params(raw: Path, **overrides) -> dict:
 
 @pytest.mark.slow  # dvc subprocesses
 def test_dvc_repro_dry_lists_the_full_dag_on_voc(tmp_path):
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
-    for package in ("pipeline", "stages"):
-        shutil.copytree(REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    project = copy_pipeline(tmp_path / "project")
     write_params(project / "params.yaml", voc_params(make_voc(tmp_path / "raw")))
     env = subprocess_env()
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_params_dict, write_params
+from conftest import REPO, tiny_params_dict, write_params
 from torch.testing import assert_close
 
 from pipeline.config import SCENE_CLASSES, ModelParams, PretrainParams
@@ -27,7 +27,7 @@ from pipeline.data.pretrain_images import PRETRAIN_LOOKS, PretrainImages, pretra
 from pipeline.data.synthetic import CLASSES, generate_scene
 from pipeline.errors import PretrainedError
 from pipeline.io import sha256_of
-from pipeline.models.pretrained import load_pretrained, save_state_dict
+from pipeline.models.pretrained import load_pretrained, read_state_dict, save_state_dict
 from pipeline.models.swtformer import build_model
 from pipeline.pretrain import PretrainNet, _loss_step, build_encoder, held_out_map, top1
 
@@ -129,6 +129,20 @@ def test_pretrained_encoder_loads_into_the_classifier(tmp_path, arch):
     inner = classifier.vit if arch == "deit" else classifier.backbone.model
     for name, tensor in net.encoder.state_dict().items():
         assert_close(inner.state_dict()[name], tensor)
+
+
+def test_the_shipped_weights_fill_the_default_swin():
+    """``model.pretrained``'s default: made for the default ``model.swin``, every backbone tensor comes from it."""
+    model = ModelParams()
+    manifest = json.loads((REPO / "weights/swin_small_scenes.json").read_text())
+    assert manifest["params"]["model"]["swin"] == model.swin.model_dump(mode="json")
+    shipped = read_state_dict(REPO / model.pretrained)
+    torch.manual_seed(0)
+    dump = model.model_dump() | {"pretrained": str(REPO / model.pretrained)}  # relative to the project's root
+    backbone = build_model(6, 96, **dump).backbone.model.state_dict()
+    assert backbone.keys() <= shipped.keys()
+    for name, tensor in backbone.items():
+        assert_close(tensor, shipped[name])
 
 
 def test_checksum_in_the_manifest_is_checked(tmp_path):

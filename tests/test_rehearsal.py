@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN, subprocess_env
+from conftest import REPO, VENV_BIN, copy_pipeline, subprocess_env
 
 from pipeline.config import Params, parse_params
 from pipeline.data.standin import write_standin
@@ -66,10 +65,7 @@ def finite_numbers(value: Any, where: str = "") -> list[str]:
 
 def make_project(root: Path, params: dict[str, Any]) -> None:
     """A DVC project (no git) holding the pipeline's code, its DAG and ``params``."""
-    root.mkdir()
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    for package in ("pipeline", "stages"):
-        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    copy_pipeline(root)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -28,7 +28,7 @@ STRIDES = [4, 8, 16, 32]
 
 
 def tiny_params(**update) -> ModelParams:
-    return ModelParams(**{"version": "v2", "swin": TINY_SWIN, "hff_dims": (4, 4, 8, 8), **update})
+    return ModelParams(**{"version": "v2", "swin": TINY_SWIN, "hff_dims": (4, 4, 8, 8), "pretrained": "none", **update})
 
 
 def backbone_of(params: ModelParams):

@@ -107,7 +107,8 @@ def load_state_into(
         key = wrong[0]
         raise error(
             f"{setting}: {source}: {len(wrong)} tensors have the wrong shape "
-            f"(first: {key} {tuple(state[key].shape)} vs {tuple(own[key].shape)} in the {what})"
+            f"(first: {key} {tuple(state[key].shape)} vs {tuple(own[key].shape)} in the {what}): the weights are "
+            f"for another size; set {setting} to weights of this one, or none to train from scratch"
         )
     missing = [k for k in own if k not in state]
     needed = [k for k in missing if not k.endswith("num_batches_tracked")] if complete else []
