@@ -18,6 +18,7 @@ Usage: python benchmarks/cuda_check.py [--params configs/coco_paper.yaml] [--ima
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shlex
@@ -31,6 +32,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = ("train_cls", "train_aff", "train_seg")
 ON_DEVICE = (*TRAINING, "cams", "evaluate")
+# the settings that may name a weights file, as key paths
+WEIGHTS = (
+    ("model", "pretrained"),
+    ("model", "vit", "pretrained"),
+    ("train_aff", "model", "pretrained"),
+    ("train_seg", "encoder_weights"),
+)
 
 
 def no_cuda_reason() -> str | None:
@@ -74,6 +82,23 @@ def rehearsal_params(base: dict, images: int, image_size: int, device: str, pret
 def on_device(base: dict, device: str) -> dict:
     """``base`` with every model stage (training, CAMs, evaluation) on ``device``."""
     return base | {name: {**base[name], "device": device} for name in ON_DEVICE}
+
+
+def anchored(base: dict, root: Path = REPO) -> dict:
+    """``base`` with each weights file it names relative to ``root`` made absolute.
+
+    Under DVC the stages run in the project's root, where ``weights/...`` is found; here they run in a work
+    directory. ``none``, timm tags and absolute paths are left as they are.
+    """
+    raw = copy.deepcopy(base)
+    for *sections, key in WEIGHTS:
+        holder = raw
+        for name in sections:
+            holder = holder.get(name) or {}
+        value = holder.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (root / value).is_file():
+            holder[key] = str(root / value)
+    return raw
 
 
 def dvc_stages() -> dict[str, dict]:
@@ -160,6 +185,7 @@ def main() -> None:
         raw = on_device(base, args.device)
     else:
         raw = rehearsal_params(base, args.images, args.image_size, args.device, args.pretrained)
+    raw = anchored(raw)
     parse_params(raw, args.params)  # a bad rehearsal config fails here, in one line
     with tempfile.TemporaryDirectory() as tmp:
         workdir = (args.workdir or Path(tmp)).resolve()

@@ -9,7 +9,8 @@ instances.
 
 Member 0 of an instance is the run of ``seed = instance`` of the config (whose images' seed is the run's seed).
 ``--set KEY=VALUE`` changes the config of every member (``dvc exp run -S`` style: a dotted key, a YAML value).
-Each run works in its own directory: give the params' paths (``model.pretrained``, ``data.root``) absolute.
+Each run works in its own directory: weights files under the project (``weights/...``) are found, other paths
+(``data.root``, weights elsewhere) must be absolute.
 
 Usage: python benchmarks/ensemble_screen.py --instances 40 41 42 --budgets 48x1 24x2 --jobs 8 \\
            [--device auto|cuda|cpu] [--threads 1] [--deadline 480] [--out DIR] [--params params.yaml]

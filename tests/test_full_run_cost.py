@@ -167,6 +167,22 @@ def test_cuda_check_as_is_moves_only_the_devices():
     assert base["train_cls"]["device"] == "auto", "the config read is left as it was"
 
 
+def test_cuda_check_anchors_the_projects_weights_files(tmp_path):
+    """The stages run in a work directory: ``weights/...`` of the project becomes absolute, nothing else moves."""
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "w.safetensors").write_bytes(b"")
+    base = {
+        "model": {"pretrained": "weights/w.safetensors", "vit": {"pretrained": "deit_small_patch16_224.fb_in1k"}},
+        "train_aff": {"model": {"pretrained": "weights/absent.safetensors"}},
+        "train_seg": {"encoder_weights": "none"},
+    }
+    raw = _cuda_check().anchored(base, tmp_path)
+    assert raw["model"]["pretrained"] == str(tmp_path / "weights" / "w.safetensors")
+    assert raw["model"]["vit"] == base["model"]["vit"] and raw["train_aff"] == base["train_aff"]
+    assert raw["train_seg"] == base["train_seg"] and base["model"]["pretrained"] == "weights/w.safetensors"
+    assert _cuda_check().anchored({"seed": 0}) == {"seed": 0}, "absent sections are not made"
+
+
 def test_cuda_check_reads_every_stages_metrics(tmp_path):
     check = _cuda_check()
     names = check.metric_files()
