@@ -30,10 +30,10 @@ from pipeline.errors import ConfigError
 FROM_LIST = Field(strict=False)
 """Lets a tuple field take the list YAML gives; its items stay strict (the model's ``strict=True`` applies to them)."""
 SEED_LIMIT = 2**32
-# The default Swin's start: pretrained on generated scenes of 60 other classes (docs/pretraining.md), relative to
-# the project's root, where DVC runs the stages
-DEFAULT_SWIN_WEIGHTS = "weights/swin_small_scenes.safetensors"
 """Seeds are below this: NumPy's legacy seeding accepts no more (torch takes 64 bits)."""
+DEFAULT_SWIN_WEIGHTS = "weights/swin_small_scenes.safetensors"
+"""``model.pretrained``'s default: the default Swin pretrained on generated scenes of other classes
+(docs/pretraining.md), relative to the project's root, where DVC runs the stages."""
 MIN_SWEEP_STEP = 1e-3
 """The finest threshold step of the seed sweep: at most 1,001 thresholds, one confusion matrix each."""
 
